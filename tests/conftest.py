@@ -1,0 +1,44 @@
+"""Shared fixtures. Under CI (VWE_REQUIRE_ALL=1) a skipped multi-process or SLURM test is a failure."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRE_ALL = os.environ.get("VWE_REQUIRE_ALL") == "1"
+STRICT_MARKERS = ("multiprocess", "slurm")
+
+# Subprocesses (python -m vwe, accelerate launch, srun) import the package from this checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and any(item.get_closest_marker(m) for m in STRICT_MARKERS):
+        report.outcome = "failed"
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped under VWE_REQUIRE_ALL=1 (multi-process/SLURM tests must run): {reason}"
+
+
+def run_vwe(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m vwe ARGS` as a real process; on failure show its output."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "vwe", *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vwe {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout}"
+                             f"\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO

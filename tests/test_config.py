@@ -1,0 +1,133 @@
+"""Config: schema, YAML loading, overrides, env expansion and every error path."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_vwe
+from vwe.config import Config, ConfigError, load_config, parse_override, save_config, config_from_dict
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("name", ["voc.yaml", "voc_vwl_m.yaml", "demo.yaml"])
+def test_shipped_configs_load(repo, name):
+    cfg = load_config(repo / "configs" / name)
+    assert isinstance(cfg, Config)
+
+
+def test_paper_recipe_values(repo):
+    cfg = load_config(repo / "configs" / "voc.yaml")
+    assert cfg.model.backbone == "resnet50" and cfg.model.codebook == "learned"
+    assert cfg.model.num_words == 256 and cfg.model.pool_levels == [1, 2, 4] and cfg.model.pool_gamma == 2.0
+    assert cfg.train.batch_size == 16 and cfg.train.epochs == 6
+    assert cfg.train.lr == 0.01 and cfg.train.head_lr_mult == 10.0
+    assert cfg.train.momentum == pytest.approx(1e-4)  # what the published code really ran with
+    assert cfg.infer.scales == [1.0, 0.5, 1.5, 2.0] and cfg.eval.bkg == 0.14
+    m = load_config(repo / "configs" / "voc_vwl_m.yaml")
+    assert m.model.codebook == "memory" and m.model.detach_stage2 is False and m.eval.bkg == 0.13
+
+
+def test_defaults_without_file():
+    cfg = load_config(None)
+    assert cfg.train.mixed_precision == "no" and cfg.data.on_corrupt == "error"
+
+
+def test_overrides_parse_yaml_scalars(tmp_path):
+    p = write(tmp_path, "model:\n  num_words: 64\n")
+    cfg = load_config(p, ["model.num_words=32", "train.lr=0.5", "model.channels_last=false",
+                          "infer.scales=[1.0, 2]", "output.run_dir=/tmp/x"])
+    assert cfg.model.num_words == 32 and cfg.train.lr == 0.5 and cfg.model.channels_last is False
+    assert cfg.infer.scales == [1.0, 2.0] and isinstance(cfg.infer.scales[1], float)
+    assert cfg.output.run_dir == "/tmp/x"
+    assert parse_override("a.b=3") == ("a.b", 3)
+
+
+def test_int_promotes_to_float_but_not_bool(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 1\n"))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    with pytest.raises(ConfigError, match="'train.lr' must be a number"):
+        load_config(write(tmp_path, "train:\n  lr: true\n"))
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    p = write(tmp_path, "model:\n  num_word: 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "'model.num_word'" in str(e.value)
+    assert "did you mean 'model.num_words'" in str(e.value)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*did you mean 'train'"):
+        load_config(write(tmp_path, "trian:\n  lr: 0.1\n"))
+
+
+def test_unknown_override_names_command_line(tmp_path):
+    p = write(tmp_path, "")
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'train.lrr'.*'train.lr'"):
+        load_config(p, ["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        load_config(p, ["train.lr"])
+    with pytest.raises(ConfigError, match="'train' is not a section|must be a mapping"):
+        load_config(p, ["train=3"])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("train:\n  epochs: six\n", "'train.epochs' must be an integer"),
+    ("train:\n  epochs: 2.5\n", "'train.epochs' must be an integer"),
+    ("model:\n  detach_stage2: 1\n", "'model.detach_stage2' must be true or false"),
+    ("model:\n  pool_levels: 4\n", "'model.pool_levels' must be a list"),
+    ("model:\n  pool_levels: [1, x]\n", r"'model.pool_levels\[1\]' must be an integer"),
+    ("model: 3\n", "'model' must be a mapping"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("train:\n  epochs: 0\n", "'train.epochs' must be >= 1"),
+    ("model:\n  memory_rho: 2\n", "'model.memory_rho' must be <= 1.0"),
+    ("model:\n  backbone: resnet5\n", "'model.backbone' must be one of resnet18"),
+    ("train:\n  mixed_precision: fp8\n", "'train.mixed_precision' must be one of no, fp16, bf16"),
+    ("data:\n  on_corrupt: ignore\n", "'data.on_corrupt' must be one of error, skip"),
+    ("data:\n  long_side: [640, 320]\n", "'data.long_side' must be"),
+    ("eval:\n  sweep: [0.5, 0.1, 0.01]\n", "'eval.sweep' must be"),
+    ("train:\n  batch_size: 10\n  grad_accum: 4\n", "must be divisible by 'train.grad_accum'"),
+    ("train: [\n", "not valid YAML"),
+])
+def test_bad_values_name_key_and_file(tmp_path, text, match):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_env_expansion(tmp_path, monkeypatch):
+    monkeypatch.setenv("VWE_TEST_DIR", "/scratch/me")
+    p = write(tmp_path, "output:\n  run_dir: ${VWE_TEST_DIR}/run\ndata:\n  root: ${VWE_UNSET_X:-fallback}\n")
+    cfg = load_config(p)
+    assert cfg.output.run_dir == "/scratch/me/run" and cfg.data.root == "fallback"
+    monkeypatch.delenv("VWE_TEST_DIR")
+    with pytest.raises(ConfigError, match=r"'output.run_dir'.*\$\{VWE_TEST_DIR\} is not set"):
+        load_config(p)
+
+
+def test_save_roundtrip(tmp_path):
+    cfg = load_config(None, ["model.num_words=48", "train.seed=7"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    tree = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config_from_dict(tree) == cfg
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_cli_reports_config_error_without_traceback(tmp_path):
+    p = write(tmp_path, "model:\n  codebok: memory\n")
+    proc = run_vwe("train", "--config", str(p), check=False)
+    assert proc.returncode == 2
+    assert "unknown key 'model.codebok'" in proc.stderr and "did you mean 'model.codebook'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,5 @@
+import sys
+
+from vwe.cli import main
+
+sys.exit(main())

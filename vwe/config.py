@@ -1,0 +1,317 @@
+"""Typed experiment configuration: dataclass schema, YAML loading, dotted overrides, strict validation."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vwe.errors import VweError
+
+
+class ConfigError(VweError):
+    """A config file or override is invalid; the message names the key and where it came from."""
+
+
+def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None,
+         max: float | None = None, doc: str = "") -> Any:
+    """A dataclass field carrying validation metadata."""
+    meta = {"choices": choices, "min": min, "max": max, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    root: str = _opt("data/shards", doc="folder holding {split}.json indexes and their shards")
+    train_split: str = _opt("train_aug", doc="split the network trains on")
+    infer_split: str = _opt("train", doc="split CAMs are produced and evaluated for")
+    crop_size: int = _opt(512, min=16, doc="square random crop (zero padded)")
+    long_side: list[int] = _opt([320, 640], doc="resize so the long side is uniform in [lo, hi]")
+    flip: bool = _opt(True, doc="random horizontal flip")
+    num_workers: int = _opt(2, min=0, doc="loader worker processes per rank")
+    shuffle_buffer: int = _opt(1000, min=0, doc="samples held for shuffling in the training stream")
+    on_corrupt: str = _opt("error", choices=("error", "skip"), doc="corrupt sample: stop, or count and skip")
+    verify_shards: bool = _opt(True, doc="check each shard's SHA-256 against its index before use")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _opt("resnet50", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    pretrained: str = _opt("imagenet", doc="none | imagenet | path to a .pth/.safetensors state dict")
+    norm: str = _opt("frozen", choices=("frozen", "batch", "syncbatch", "group"),
+                     doc="frozen BN for pretrained weights; a trainable norm when training from scratch")
+    num_classes: int = _opt(20, min=1)
+    detach_stage2: bool = _opt(True, doc="stop gradients after stage 2 (conference version)")
+    codebook: str = _opt("learned", choices=("learned", "memory"), doc="VWE/VWL-L or VWL-M")
+    num_words: int = _opt(256, min=2)
+    pool_levels: list[int] = _opt([1, 2, 4], doc="HSPP pyramid levels")
+    pool_gamma: float = _opt(2.0, min=0.0, doc="HSPP weight of the global average")
+    memory_rho: float = _opt(1e-3, min=0.0, max=1.0, doc="memory-bank EMA rate")
+    cls_weight: float = _opt(1.0, min=0.0)
+    hist_weight: float = _opt(1.0, min=0.0, doc="ignored in memory-bank mode")
+    word_weight: float = _opt(1.0, min=0.0)
+    decorrelation_weight: float = _opt(0.0, min=0.0, doc="VWL-L codebook decorrelation loss weight")
+    grad_checkpointing: bool = _opt(False)
+    channels_last: bool = _opt(True)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(6, min=1)
+    max_steps: int = _opt(0, min=0, doc="0: epochs x steps per epoch")
+    batch_size: int = _opt(16, min=1, doc="global batch (all processes, all accumulation steps)")
+    grad_accum: int = _opt(1, min=1)
+    lr: float = _opt(0.01, min=0.0, doc="backbone learning rate")
+    head_lr_mult: float = _opt(10.0, min=0.0, doc="new layers learn at lr x this")
+    momentum: float = _opt(0.9, min=0.0, max=1.0)
+    weight_decay: float = _opt(1e-4, min=0.0)
+    poly_power: float = _opt(0.9, min=0.0)
+    mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"))
+    compile: bool = _opt(False, doc="torch.compile the model")
+    seed: int = _opt(0, min=0)
+    deterministic: bool = _opt(False, doc="deterministic algorithms (exact resume)")
+    log_every: int = _opt(10, min=1)
+    checkpoint_every: int = _opt(200, min=0, doc="steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = _opt(3, min=1)
+    resume: str = _opt("auto", doc="auto | none | path to a checkpoint folder")
+
+
+@dataclass
+class InferConfig:
+    scales: list[float] = _opt([1.0, 0.5, 1.5, 2.0])
+    flip: bool = _opt(True)
+    checkpoint: str = _opt("", doc="weights file; empty: the run's exported final weights")
+    out_dir: str = _opt("", doc="CAM folder; empty: <run_dir>/cams")
+    dtype: str = _opt("float16", choices=("float16", "float32"), doc="stored CAM precision")
+    mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"))
+    num_workers: int = _opt(2, min=0)
+
+
+@dataclass
+class EvalConfig:
+    bkg: float = _opt(0.14, min=0.0, max=1.0, doc="background score")
+    sweep: list[float] = _opt([0.05, 0.60, 0.01], doc="start, stop (inclusive), step for --sweep")
+    allow_missing: bool = _opt(False, doc="evaluate even if some ids have no CAM")
+    max_listed: int = _opt(20, min=1, doc="ids listed in a completeness error")
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = _opt("runs/default")
+    tensorboard: bool = _opt(True)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: str, where: str) -> str:
+    """Expand ${VAR} and ${VAR:-default} in a string; an unset variable without default is an error."""
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable ${{{name}}} is not set")
+    return _ENV.sub(sub, value)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
+    """Check (and mildly coerce: int->float, str env expansion) one value against its annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{src}: '{key}' must be a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError("union fields are not supported")  # schema authoring error, not user error
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{src}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{src}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{src}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{src}: '{key}' must be a string, got {value!r}")
+        return expand_env(value, f"{src}: '{key}'")
+    raise TypeError(f"unsupported schema type {tp!r} for {key}")
+
+
+def _check_range(value: Any, f: dataclasses.Field, key: str, src: str) -> None:
+    meta = f.metadata
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if meta.get("choices") and v not in meta["choices"]:
+            raise ConfigError(f"{src}: '{key}' must be one of {', '.join(map(str, meta['choices']))}; got {v!r}")
+        if meta.get("min") is not None and v < meta["min"]:
+            raise ConfigError(f"{src}: '{key}' must be >= {meta['min']}, got {v!r}")
+        if meta.get("max") is not None and v > meta["max"]:
+            raise ConfigError(f"{src}: '{key}' must be <= {meta['max']}, got {v!r}")
+
+
+def _unknown(key: str, valid: list[str], src: str) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key[: -len(leaf)]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+    return ConfigError(f"{src}: unknown key '{key}'{hint}")
+
+
+def _build(cls: type, data: Any, prefix: str, src: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown(f"{prefix}{key}", list(fields), src)
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{key}.", src)
+        else:
+            value = _coerce(data[name], tp, key, src)
+            _check_range(value, f, key, src)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, src: str) -> None:
+    """Cross-field checks that a single field's range cannot express."""
+    lo_hi = cfg.data.long_side
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        raise ConfigError(f"{src}: 'data.long_side' must be [lo, hi] with 0 < lo <= hi, got {lo_hi}")
+    if not cfg.model.pool_levels or any(l < 1 for l in cfg.model.pool_levels):
+        raise ConfigError(f"{src}: 'model.pool_levels' must be positive integers, got {cfg.model.pool_levels}")
+    if not cfg.infer.scales or any(s <= 0 for s in cfg.infer.scales):
+        raise ConfigError(f"{src}: 'infer.scales' must be positive numbers, got {cfg.infer.scales}")
+    sw = cfg.eval.sweep
+    if len(sw) != 3 or sw[2] <= 0 or sw[0] > sw[1]:
+        raise ConfigError(f"{src}: 'eval.sweep' must be [start, stop, step] with start <= stop and step > 0, got {sw}")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"{src}: 'train.batch_size' ({cfg.train.batch_size}) must be divisible by "
+                          f"'train.grad_accum' ({cfg.train.grad_accum})")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'model.num_words=64' -> ('model.num_words', 64); the value is parsed as a YAML scalar or list."""
+    if "=" not in text:
+        raise ConfigError(f"command line: override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"command line: override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: cannot parse value of '{key}': {e}") from None
+    return key, value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"command line: '{key}' goes below '{p}', which is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when path is None), apply overrides, validate strictly."""
+    tree: dict = {}
+    src = "defaults"
+    if path is not None:
+        src = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        tree = loaded if loaded is not None else {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    cfg = _build(Config, tree, "", src)
+    if overrides:
+        over: dict = {}
+        for text in overrides:
+            key, value = parse_override(text)
+            _set_dotted(over, key, value)
+        # overrides are validated on their own first, so an error names the command line, not the file
+        _build(Config, over, "", "command line")
+        merged = _merge(dataclasses.asdict(cfg), over)
+        cfg = _build(Config, merged, "", f"{src} + command line")
+    _validate(cfg, src if not overrides else f"{src} + command line")
+    return cfg
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(tree: dict, src: str = "dict") -> Config:
+    """Build and validate a Config from a plain nested dict (e.g. one stored beside a checkpoint)."""
+    cfg = _build(Config, tree, "", src)
+    _validate(cfg, src)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, p)
+
+
+def repo_configs_dir() -> Path:
+    """The shipped configs/ folder (next to the package in a checkout or the container image)."""
+    return Path(__file__).resolve().parent.parent / "configs"

@@ -1,0 +1,13 @@
+"""Exceptions for bad input. The CLI prints them without a traceback and exits with code 2."""
+
+
+class VweError(Exception):
+    """Bad input from the user: a config, a path, a data file, a checkpoint. The message says which."""
+
+
+class DataError(VweError):
+    """A data folder, shard or sample is missing or corrupt; the message names the file and sample key."""
+
+
+class CheckpointError(VweError):
+    """A checkpoint or weights file is missing, incomplete or of another model shape."""
