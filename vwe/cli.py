@@ -68,6 +68,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir), processes=args.processes) or 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from vwe.doctor import doctor
+    return doctor(timeout_s=args.timeout) or 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
     cfg = _config(args)
@@ -117,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--processes", type=int, default=0, help="0: one per GPU, or per CPU core")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("doctor", help="check the distributed setup: every rank joins and all-reduces")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the other ranks")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="throughput, memory and MFU figures")
     p.add_argument("what", choices=["data", "train", "infer"])
