@@ -1,0 +1,42 @@
+"""The process group as Accelerate/torchrun/SLURM set it up, and the few collectives the pipeline needs."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+
+
+def distributed_state() -> PartialState:
+    """Join the process group described by the environment (world size 1 when there is none).
+
+    Without a GPU Accelerate must be told it runs on CPU, or each launched process believes it is alone.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(array: np.ndarray) -> np.ndarray:
+    """Elementwise sum of an integer or float array over all ranks (a copy; int64/float64 exact)."""
+    if not is_distributed():
+        return array.copy()
+    dtype = torch.int64 if np.issubdtype(array.dtype, np.integer) else torch.float64
+    t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy().astype(array.dtype)
+
+
+def gather_objects(obj: Any) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,104 @@
+"""Segmentation metrics for CAMs: label maps from CAMs, confusion matrices, IoU, threshold sweeps.
+
+All pure NumPy. A sweep is computed in one pass: per pixel only the best foreground score and its class
+matter, so each image adds to a histogram over (ground truth, foreground class, threshold bin), and the
+confusion matrix for every threshold follows from cumulative sums.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# Paper's column order: bkg, then the 20 VOC classes in index order, then mIoU.
+SHORT_NAMES = ("bkg", "aero", "bike", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "table", "dog", "horse", "motor", "person", "plant", "sheep", "sofa", "train", "tv")
+
+
+def cam_to_label(high_res: np.ndarray, keys: np.ndarray, bkg: float) -> np.ndarray:
+    """Label map (H, W): background channel of constant `bkg` prepended, argmax, channel i -> keys[i-1]+1."""
+    k, h, w = high_res.shape
+    scores = np.concatenate([np.full((1, h, w), bkg, dtype=np.float32), high_res.astype(np.float32)])
+    lut = np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1])
+    return lut[np.argmax(scores, axis=0)]
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
+    valid = gt != ignore_index
+    idx = gt[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
+    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_per_class(conf: np.ndarray) -> np.ndarray:
+    """IoU = TP / (TP + FP + FN) per class; NaN for classes absent from the ground truth."""
+    conf = conf.astype(np.float64)
+    tp = np.diag(conf)
+    gt_count = conf.sum(axis=1)
+    union = gt_count + conf.sum(axis=0) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / union
+    iou[gt_count == 0] = np.nan
+    return iou
+
+
+def mean_iou(conf: np.ndarray) -> float:
+    """Mean IoU over the classes present in the ground truth."""
+    iou = iou_per_class(conf)
+    return float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
+
+
+def pixel_accuracy(conf: np.ndarray) -> float:
+    total = conf.sum()
+    return float(np.trace(conf) / total) if total else float("nan")
+
+
+def sweep_thresholds(start: float, stop: float, step: float, extra: tuple[float, ...] = ()) -> np.ndarray:
+    """Sorted, de-duplicated float32 thresholds start..stop (inclusive) plus `extra`."""
+    n = int(np.floor((stop - start) / step + 1e-6)) + 1
+    grid = np.round(start + step * np.arange(n), 6)
+    return np.unique(np.concatenate([grid, np.asarray(extra, dtype=np.float64)]).astype(np.float32))
+
+
+def sweep_histogram(high_res: np.ndarray, keys: np.ndarray, gt: np.ndarray, thresholds: np.ndarray,
+                    num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """One image's counts over (gt class, foreground class, threshold bin): shape (N, N, T+1).
+
+    Bin j holds pixels whose best foreground score exceeds exactly j thresholds, so at threshold t_j
+    a pixel is predicted foreground iff its bin is > j (ties go to background, as argmax does).
+    """
+    n, t = num_classes, len(thresholds)
+    if high_res.shape[1:] != gt.shape:
+        raise ValueError(f"CAM size {high_res.shape[1:]} differs from mask size {gt.shape}")
+    valid = gt != ignore_index
+    g = gt[valid].astype(np.int64)
+    if high_res.shape[0] == 0:
+        fg = np.zeros_like(g)
+        bins = np.zeros_like(g)
+    else:
+        scores = high_res.astype(np.float32, copy=False)
+        best = np.argmax(scores, axis=0)
+        top = np.take_along_axis(scores, best[None], 0)[0][valid]
+        fg = (np.asarray(keys, dtype=np.int64) + 1)[best[valid]]
+        bins = np.searchsorted(thresholds, top, side="left")
+    idx = (g * n + fg) * (t + 1) + bins
+    return np.bincount(idx, minlength=n * n * (t + 1)).reshape(n, n, t + 1)
+
+
+def confusions_from_histogram(hist: np.ndarray) -> np.ndarray:
+    """(T, N, N) confusion matrices, one per threshold, from a summed sweep histogram (N, N, T+1)."""
+    n, _, t1 = hist.shape
+    # above[..., j] = pixels whose bin > j: foreground at threshold j
+    rev = np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
+    above = rev[..., 1:]                              # (N, N, T)
+    at_or_below = hist.sum(axis=-1, keepdims=True) - above
+    conf = np.moveaxis(above, -1, 0).copy()           # (T, N, N)
+    conf[:, :, 0] += np.moveaxis(at_or_below.sum(axis=1), -1, 0)
+    return conf
+
+
+def format_table(iou: np.ndarray, miou: float, names: tuple[str, ...] = SHORT_NAMES) -> str:
+    """Markdown table in the paper's column order, values in percent."""
+    cells = ["-" if np.isnan(v) else f"{100 * v:.1f}" for v in iou] + [f"{100 * miou:.1f}"]
+    head = list(names[: len(iou)]) + ["mIoU"]
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(cells) + " |\n"
