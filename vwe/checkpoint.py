@@ -28,6 +28,7 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 META = "meta.json"
 # Model settings that change the shapes or names of the weights: a checkpoint must agree on them.
 SHAPE_KEYS = ("backbone", "num_classes", "num_words", "codebook", "norm")
+FINAL_WEIGHTS_NAME = Path("final") / "model.safetensors"
 
 
 def checkpoint_root(run_dir: Path) -> Path:

@@ -93,7 +93,9 @@ class InferConfig:
     out_dir: str = _opt("", doc="CAM folder; empty: <run_dir>/cams")
     dtype: str = _opt("float16", choices=("float16", "float32"), doc="stored CAM precision")
     mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"))
+    batch_size: int = _opt(4, min=1, doc="images of equal size per forward (each with its flip)")
     num_workers: int = _opt(2, min=0)
+    legacy_dir: str = _opt("", doc="also export pickled-dict .npy CAMs (IRNet format) into this folder")
 
 
 @dataclass

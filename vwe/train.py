@@ -21,7 +21,7 @@ from accelerate.utils import (DistributedType, GradientAccumulationPlugin, InitP
                               ProjectConfiguration, set_seed)
 from tqdm import tqdm
 
-from vwe.checkpoint import export_weights, load_checkpoint, resolve_resume, save_checkpoint
+from vwe.checkpoint import FINAL_WEIGHTS_NAME, export_weights, load_checkpoint, resolve_resume, save_checkpoint
 from vwe.config import Config, ConfigError, save_config
 from vwe.data.loader import steps_per_epoch, train_batches
 from vwe.data.transforms import normalize
@@ -29,7 +29,6 @@ from vwe.errors import VweError
 from vwe.model.net import build_model, param_groups
 
 PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; the job should be requeued
-FINAL_WEIGHTS = Path("final") / "model.safetensors"
 
 
 class TrainingDiverged(VweError):
@@ -229,7 +228,7 @@ def train(cfg: Config) -> int:
     weights_hash = None
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        weights_hash = export_weights(state_dict, cfg.to_dict(), run_dir / FINAL_WEIGHTS)
+        weights_hash = export_weights(state_dict, cfg.to_dict(), run_dir / FINAL_WEIGHTS_NAME)
         elapsed = time.perf_counter() - start_time
         done = progress.step - start_step
         summary = {
@@ -238,7 +237,7 @@ def train(cfg: Config) -> int:
             "images_per_s": round((progress.samples - start_samples) / elapsed, 2) if elapsed > 0 else None,
             "samples_seen": progress.samples, "skipped_samples": progress.skipped,
             "processes": world, "checkpoint": str(last_checkpoint),
-            "weights": str(run_dir / FINAL_WEIGHTS), "weights_sha256": weights_hash,
+            "weights": str(run_dir / FINAL_WEIGHTS_NAME), "weights_sha256": weights_hash,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print("run summary: " + json.dumps(summary))

@@ -1,0 +1,167 @@
+"""Multi-scale + flip CAM inference (METHOD.md), each rank on a disjoint part of the split.
+
+Only the CAM path runs (backbone + classifier). Images of equal size are batched with their flips.
+One `<id>.npz` per image is written atomically; a re-run skips images already done with the same
+weights; every rank records what it wrote, and from which weights, in a manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vwe.cam_io import CamRecord, cam_dir_for, export_legacy, read_cam, write_cam
+from vwe.checkpoint import FINAL_WEIGHTS_NAME, check_compatible, file_sha256, load_weights
+from vwe.config import Config, config_from_dict
+from vwe.data.loader import infer_samples
+from vwe.data.transforms import normalize
+from vwe.dist import distributed_state, gather_objects
+from vwe.errors import CheckpointError, DataError
+from vwe.model.net import build_model
+
+
+def weights_path(cfg: Config) -> Path:
+    return Path(cfg.infer.checkpoint) if cfg.infer.checkpoint else Path(cfg.output.run_dir) / FINAL_WEIGHTS_NAME
+
+
+def load_cam_model(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The network built from the config stored with the weights, in eval mode; and the weights' hash."""
+    path = weights_path(cfg)
+    state_dict, saved = load_weights(path)
+    model_cfg = config_from_dict(saved, src=str(path)).model if saved else cfg.model
+    if saved:
+        check_compatible({"config": saved}, vars(cfg.model), path)
+    model_cfg.pretrained = "none"  # the weights come from the file
+    model = build_model(model_cfg)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights file {path} does not fit the model: {e}") from None
+    model.eval().to(device)
+    if model_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, file_sha256(path)
+
+
+@torch.no_grad()
+def multiscale_cams(model: torch.nn.Module, scales: list[torch.Tensor], size: tuple[int, int],
+                    device: torch.device, channels_last: bool = True,
+                    autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over scales of max(cam(image), unflip(cam(flip))), resized to `size` and to size/4 (ceil).
+
+    `scales[i]` is uint8 (2N, 3, h, w): N images followed by their N horizontal flips.
+    Returns (high_res (N, C, H, W), strided (N, C, ceil(H/4), ceil(W/4))), float32, unnormalised.
+    """
+    strided_size = (-(-size[0] // 4), -(-size[1] // 4))
+    high = strided = None
+    for x in scales:
+        x = normalize(x.to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            cam = model.cam(x)
+        cam = cam.float()
+        n = cam.shape[0] // 2
+        cam = torch.maximum(cam[:n], cam[n:].flip(-1))
+        up = F.interpolate(cam, size, mode="bilinear", align_corners=False)
+        down = F.interpolate(cam, strided_size, mode="bilinear", align_corners=False)
+        high = up if high is None else high + up
+        strided = down if strided is None else strided + down
+    return high, strided
+
+
+def keep_positive(cam: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """Channels of the positive classes, each divided by its own maximum + 1e-5."""
+    keys = torch.nonzero(labels > 0.5).flatten()
+    kept = cam[keys.to(cam.device)]
+    kept = kept / (kept.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5)
+    return keys.cpu().numpy().astype(np.int64), kept
+
+
+def _autocast(mixed_precision: str, device: torch.device):
+    if mixed_precision == "no":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def infer(cfg: Config) -> int:
+    """Write CAMs for every image of cfg.data.infer_split, split over all ranks."""
+    state = distributed_state()
+    device, rank, world = state.device, state.process_index, state.num_processes
+    model, weights_hash = load_cam_model(cfg, device)
+    out_dir = cam_dir_for(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:  # manifests of an earlier launch with more processes would mislead
+        for old in out_dir.glob("manifest-rank*.json"):
+            if int(old.stem[len("manifest-rank"):]) >= world:
+                old.unlink()
+    store = np.float16 if cfg.infer.dtype == "float16" else np.float32
+    autocast = _autocast(cfg.infer.mixed_precision, device)
+    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last) or \
+        cfg.model.channels_last
+    counts = {"written": 0, "already_done": 0, "stale_replaced": 0}
+    written: list[str] = []
+    pending: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    start = time.perf_counter()
+
+    def flush(size: tuple[int, int]) -> None:
+        group = pending.pop(size)
+        per_scale = [torch.cat([s["scales"][i][0:1] for s in group] + [s["scales"][i][1:2] for s in group])
+                     for i in range(len(group[0]["scales"]))]
+        high, strided = multiscale_cams(model, per_scale, size, device, channels_last, autocast)
+        for j, sample in enumerate(group):
+            keys, hr = keep_positive(high[j], sample["labels"])
+            _, st = keep_positive(strided[j], sample["labels"])
+            write_cam(out_dir / f"{sample['key']}.npz",
+                      CamRecord(keys, st.cpu().numpy().astype(store), hr.cpu().numpy().astype(store), weights_hash))
+            written.append(sample["key"])
+            counts["written"] += 1
+
+    bar = tqdm(desc=f"infer rank {rank}", disable=not state.is_main_process, unit="img", dynamic_ncols=True)
+    for sample in infer_samples(cfg, rank, world):
+        path = out_dir / f"{sample['key']}.npz"
+        if path.exists():
+            try:
+                done = read_cam(path).checkpoint == weights_hash
+            except DataError:
+                done = False  # unreadable leftovers are recomputed
+            if done:
+                counts["already_done"] += 1
+                bar.update(1)
+                continue
+            counts["stale_replaced"] += 1
+        size = tuple(sample["image"].shape[-2:])
+        pending[size].append(sample)
+        if len(pending[size]) >= cfg.infer.batch_size:
+            flush(size)
+        bar.update(1)
+    for size in list(pending):
+        flush(size)
+    bar.close()
+
+    seconds = time.perf_counter() - start
+    manifest = {"rank": rank, "world": world, "split": cfg.data.infer_split, "weights": str(weights_path(cfg)),
+                "checkpoint": weights_hash, "seconds": round(seconds, 3), **counts, "ids": sorted(written)}
+    tmp = out_dir / f".manifest-rank{rank:03d}.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out_dir / f"manifest-rank{rank:03d}.json")
+    totals = gather_objects(counts)
+    if state.is_main_process:
+        total = {k: sum(t[k] for t in totals) for k in counts}
+        print(f"inference on '{cfg.data.infer_split}' over {world} process(es): {total['written']} written, "
+              f"{total['already_done']} already done, {total['stale_replaced']} from other weights replaced "
+              f"-> {out_dir}")
+        if cfg.infer.legacy_dir:
+            n = export_legacy(out_dir, Path(cfg.infer.legacy_dir))
+            print(f"exported {n} CAMs in the pickled-dict .npy format to {cfg.infer.legacy_dir}")
+    state.wait_for_everyone()
+    return 0
