@@ -6,6 +6,7 @@ SIGTERM/SIGUSR1, and stops on a non-finite loss without saving over the last goo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import resource
@@ -25,6 +26,7 @@ from vwe.checkpoint import FINAL_WEIGHTS_NAME, export_weights, load_checkpoint, 
 from vwe.config import Config, ConfigError, save_config
 from vwe.data.loader import steps_per_epoch, train_batches
 from vwe.data.transforms import normalize
+from vwe.dist import gather_objects
 from vwe.errors import VweError
 from vwe.model.net import build_model, param_groups
 
@@ -227,6 +229,7 @@ def train(cfg: Config) -> int:
         last_checkpoint = checkpoint()
     weights_hash = None
     state_dict = accelerator.get_state_dict(model)
+    replicas = gather_objects({"rank": rank, "batches": window.total_micro, "weights_digest": weights_digest(net)})
     if accelerator.is_main_process:
         weights_hash = export_weights(state_dict, cfg.to_dict(), run_dir / FINAL_WEIGHTS_NAME)
         elapsed = time.perf_counter() - start_time
@@ -238,7 +241,15 @@ def train(cfg: Config) -> int:
             "samples_seen": progress.samples, "skipped_samples": progress.skipped,
             "processes": world, "checkpoint": str(last_checkpoint),
             "weights": str(run_dir / FINAL_WEIGHTS_NAME), "weights_sha256": weights_hash,
+            "batches_per_rank": [r["batches"] for r in replicas],
+            "replicas_identical": len({r["weights_digest"] for r in replicas}) == 1,
+            "mixed_precision": accelerator.mixed_precision,
+            "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         }
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            summary["deepspeed"] = {"zero_stage": model.zero_optimization_stage(),
+                                    "world_size": model.world_size,
+                                    "param_dtype": str(next(net.parameters()).dtype)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print("run summary: " + json.dumps(summary))
         if progress.skipped:
@@ -252,6 +263,7 @@ class Window:
     """Accumulates loss terms, steps and data-wait time between two log lines."""
 
     def __init__(self, start: float, samples: int) -> None:
+        self.total_micro = 0  # micro-batches this launch, never reset
         self.reset(start, samples)
 
     def reset(self, start: float, samples: int) -> None:
@@ -264,6 +276,16 @@ class Window:
         self.last_terms = torch.stack([losses[k].detach().float() for k in self.names])
         self.loss_sums = self.last_terms if self.loss_sums is None else self.loss_sums + self.last_terms
         self.micro += 1
+        self.total_micro += 1
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer: equal digests mean bit-identical replicas."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _timed(batches, window: Window):
