@@ -42,3 +42,28 @@ def run_vwe(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """A small synthetic VOC-style data set converted to shards (train 48, val 12, 64-80 px)."""
+    from vwe.data.shards import prepare
+    from vwe.data.synthetic import write_dataset
+    root = tmp_path_factory.mktemp("synthetic")
+    write_dataset(root / "voc", n_train=48, n_val=12, seed=0, size=80, sbd=False)
+    prepare(root / "voc", None, root / "shards", shard_size=10)
+    return root / "shards"
+
+
+# Overrides that shrink configs/demo.yaml to a few seconds per run on a 2-core CPU.
+TINY = ["data.crop_size=64", "data.long_side=[64, 80]", "data.num_workers=1", "data.shuffle_buffer=16",
+        "model.num_words=16", "train.batch_size=4", "train.log_every=1", "infer.scales=[1.0, 0.5]",
+        "infer.batch_size=2", "infer.num_workers=1", "output.tensorboard=false"]
+
+
+def launch_cmd(processes: int, *vwe_args: str, launch_config: str = "launch/cpu.yaml") -> list[str]:
+    """`python -m vwe ...` for one process; `accelerate launch` over `processes` CPU processes otherwise."""
+    if processes == 1:
+        return [sys.executable, "-m", "vwe", *vwe_args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / launch_config),
+            "--num_processes", str(processes), "-m", "vwe", *vwe_args]

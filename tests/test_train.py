@@ -1,0 +1,163 @@
+"""The training loop with real processes: multi-process CPU runs, exact resume after SIGKILL,
+preemption by SIGTERM, the divergence guard, bf16 on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, launch_cmd, run_vwe
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--config", DEMO, *TINY, f"data.root={shards}", f"output.run_dir={run_dir}", *extra]
+
+
+def run_train(processes: int, shards: Path, run_dir: Path, *extra: str, timeout: float = 600):
+    cmd = launch_cmd(processes, *train_args(shards, run_dir, *extra))
+    return subprocess.run(cmd, cwd=REPO, env=ENV, text=True, capture_output=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+def wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float = 300) -> Path:
+    folder, pattern = path_glob
+    end = time.time() + timeout
+    while time.time() < end:
+        found = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        if found:
+            return found[-1]
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended ({proc.returncode}) before {pattern} appeared\n{out}\n{err}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {folder}/{pattern}")
+
+
+@pytest.mark.multiprocess
+def test_two_process_run_learns_and_ranks_agree(synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = ok(run_train(2, synthetic_shards, run, "train.max_steps=16", "train.checkpoint_every=8"))
+    s = summary(run)
+    assert s["processes"] == 2 and s["distributed_type"] == "MULTI_CPU", s
+    assert s["batches_per_rank"] == [16, 16]
+    assert s["replicas_identical"] is True
+    assert s["steps"] == 16
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [l["loss/loss"] for l in lines]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    assert {"loss/cls", "loss/hist", "loss/word", "lr/group0", "images_per_s", "data_wait_fraction",
+            "peak_memory_mb"} <= set(lines[0])
+    assert lines[-1]["lr/group0"] < lines[0]["lr/group0"]  # poly decay
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000008", "step-000016"]
+    assert (run / "config.yaml").is_file() and "run summary" in proc.stdout
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.multiprocess)])
+def test_exact_resume_after_sigkill(synthetic_shards, tmp_path, processes):
+    extra = ("train.max_steps=6", "train.checkpoint_every=2", "train.deterministic=true")
+    reference = tmp_path / "reference"
+    ok(run_train(processes, synthetic_shards, reference, *extra))
+
+    run = tmp_path / "killed"
+    cmd = launch_cmd(processes, *train_args(synthetic_shards, run, *extra))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    wait_for((run / "checkpoints", "step-000002"), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
+    assert killed_at < 6 and not (run / "final").exists()
+
+    restarted = ok(run_train(processes, synthetic_shards, run, *extra))
+    assert f"resumed from {run / 'checkpoints'}" in restarted.stdout + restarted.stderr
+    assert summary(run)["steps"] == 6
+    assert_bit_identical(final_weights(reference), final_weights(run))
+
+
+def test_sigterm_checkpoints_exits_75_and_restart_completes(synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    extra = ("train.max_steps=40", "train.checkpoint_every=0")
+    cmd = launch_cmd(1, *train_args(synthetic_shards, run, *extra))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    end = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.time() < end, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out + err
+    saved = sorted((run / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and 2 <= int(saved[0].name[5:]) < 40
+    assert "preempted" in out + err
+    ok(run_train(1, synthetic_shards, run, *extra))
+    assert summary(run)["steps"] == 40 and summary(run)["steps_this_run"] == 40 - int(saved[0].name[5:])
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    ok(run_train(1, synthetic_shards, run, "train.max_steps=4", "train.checkpoint_every=2"))
+    (run / "final").rename(tmp_path / "first_final")
+    # resume from step 4 with an absurd learning rate: the update at step 5 overflows, step 6 is NaN
+    proc = run_train(1, synthetic_shards, run, "train.max_steps=12", "train.checkpoint_every=2", "train.lr=1e30")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "non-finite loss at step" in proc.stderr and "Traceback" not in proc.stderr
+    step = int(proc.stderr.split("non-finite loss at step ")[1].split()[0])
+    assert step in (5, 6)
+    assert f"last good checkpoint is {run / 'checkpoints' / 'step-000004'}" in proc.stderr
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert names[-1] == "step-000004"
+    assert not (run / "final").exists()
+
+
+def test_bf16_on_cpu(synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    ok(run_train(1, synthetic_shards, run, "train.max_steps=3", "train.mixed_precision=bf16"))
+    s = summary(run)
+    assert s["mixed_precision"] == "bf16" and s["steps"] == 3
+    weights = final_weights(run)
+    assert all(t.dtype in (torch.float32, torch.int64, torch.bool) for t in weights.values())
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_fp16_on_cpu_is_refused_clearly(synthetic_shards, tmp_path):
+    proc = run_vwe(*train_args(synthetic_shards, tmp_path / "run", "train.mixed_precision=fp16"), check=False)
+    assert proc.returncode == 2 and "fp16 needs a GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_checkpoint_of_another_model_shape_is_refused(synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    ok(run_train(1, synthetic_shards, run, "train.max_steps=2", "train.checkpoint_every=2"))
+    proc = run_train(1, synthetic_shards, run, "train.max_steps=4", "model.num_words=8")
+    assert proc.returncode == 2
+    assert "another model shape" in proc.stderr and "model.num_words: checkpoint 16, config 8" in proc.stderr
