@@ -66,6 +66,16 @@ def save_checkpoint(accelerator, run_dir: Path, meta: dict, keep: int) -> Path:
     return final
 
 
+def quarantine_diverged(run_dir: Path, bad_step: int) -> Path | None:
+    """A non-finite loss at `bad_step` was computed with the weights saved at `bad_step - 1`: rename that
+    checkpoint so resume never picks it. Returns the newest checkpoint left (the last good one) or None."""
+    suspect = checkpoint_root(run_dir) / f"step-{bad_step - 1:06d}"
+    if suspect.is_dir():
+        os.replace(suspect, suspect.with_name(f"diverged-{suspect.name}"))
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
 def read_meta(path: Path) -> dict:
     try:
         return json.loads((path / META).read_text())

@@ -22,7 +22,8 @@ from accelerate.utils import (DistributedType, GradientAccumulationPlugin, InitP
                               ProjectConfiguration, set_seed)
 from tqdm import tqdm
 
-from vwe.checkpoint import FINAL_WEIGHTS_NAME, export_weights, load_checkpoint, resolve_resume, save_checkpoint
+from vwe.checkpoint import (FINAL_WEIGHTS_NAME, complete_checkpoints, export_weights, load_checkpoint,
+                            quarantine_diverged, resolve_resume, save_checkpoint)
 from vwe.config import Config, ConfigError, save_config
 from vwe.data.loader import steps_per_epoch, train_batches
 from vwe.data.transforms import normalize
@@ -201,6 +202,11 @@ def train(cfg: Config) -> int:
                                              float(preempt.signal is not None)], device=terms.device))
             if flags[0] > 0:
                 bar.close()
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    quarantine_diverged(run_dir, progress.step)
+                accelerator.wait_for_everyone()
+                last_checkpoint = (complete_checkpoints(run_dir) or [None])[-1]
                 where = (f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint
                          else "; no checkpoint had been saved yet")
                 values = ", ".join(f"{k}={v:.4g}" for k, v in zip(window.names, terms.tolist()))
