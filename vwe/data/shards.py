@@ -200,9 +200,14 @@ def iter_shard(path: Path, expected: int | None = None) -> Iterator[RawSample]:
                         yield _finish(name, key, parts)
                     key, parts = k, {}
                 parts[ext] = data
+            end = tf.offset
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"shard {path}: truncated or corrupt tar after sample {last!r} "
                         f"(in sample {key!r}): {e}") from None
+    if Path(path).stat().st_size < end + 512:
+        # tarfile stops quietly at a cut header or member boundary: no end-of-archive block follows
+        raise DataError(f"shard {path}: truncated tar (no end-of-archive marker) after sample {last!r} "
+                        f"(in sample {key!r})")
     if key is not None:
         n += 1
         yield _finish(name, key, parts)
