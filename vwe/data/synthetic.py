@@ -150,6 +150,20 @@ def _jpeg(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _sbd_mat(scene: Scene) -> bytes:
+    """An SBD-style cls .mat (struct GTcls with Segmentation and CategoriesPresent), byte-deterministic."""
+    import io
+    import scipy.io
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"GTcls": {
+        "Segmentation": scene.mask_sbd,
+        "CategoriesPresent": np.array(sorted({c + 1 for c, _ in scene.objects}), np.uint8)}})
+    data = buf.getvalue()
+    # the 116-byte text header carries a creation time; fix it so the same seed gives the same bytes
+    header = b"MATLAB 5.0 MAT-file, written by vwe synth".ljust(116)
+    return header + data[116:]
+
+
 def write_dataset(out: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, size: int = 128,
                   sbd: bool = False, classes: tuple[int, ...] = DEFAULT_CLASSES) -> Path:
     """Write a synthetic data set under out/VOCdevkit/VOC2012 (and out/benchmark_RELEASE with sbd=True).
@@ -184,10 +198,7 @@ def write_dataset(out: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, 
         _write(dirs["SegmentationClassAug"] / f"{image_id}.png",
                encode_mask(scene.mask if in_voc_seg else scene.mask_sbd))
         if sbd:
-            import scipy.io
-            scipy.io.savemat(str(sbd_dir / "cls" / f"{image_id}.mat"), {"GTcls": {
-                "Segmentation": scene.mask_sbd,
-                "CategoriesPresent": np.array(sorted({c + 1 for c, _ in scene.objects}), np.uint8)}})
+            _write(sbd_dir / "cls" / f"{image_id}.mat", _sbd_mat(scene))
             _write(sbd_dir / "img" / f"{image_id}.jpg", jpg)
 
     lists = voc / "ImageSets" / "Segmentation"
