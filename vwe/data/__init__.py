@@ -1,0 +1,1 @@
+"""Data: VOC/SBD layout, synthetic scenes, webdataset shards, training and inference loaders."""

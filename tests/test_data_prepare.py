@@ -1,0 +1,137 @@
+"""`vwe prepare`: split algebra, byte-exact samples, index and checksums, SBD masks, re-runs, atomicity."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import scipy.io
+
+from conftest import run_vwe
+from vwe.data.shards import iter_shard, load_index, prepare
+from vwe.data.synthetic import write_dataset
+from vwe.data.voc import CLASS_NAMES, decode_mask, labels_from_mask
+from vwe.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    write_dataset(src, n_train=12, n_val=5, seed=1, size=64, sbd=True)
+    out = tmp_path_factory.mktemp("shards")
+    prepare(src / "VOCdevkit" / "VOC2012", src / "benchmark_RELEASE", out, shard_size=5)
+    return src, out
+
+
+def _ids(path):
+    return path.read_text().split()
+
+
+def test_split_algebra_and_counts(data):
+    src, out = data
+    voc = src / "VOCdevkit" / "VOC2012"
+    sbd = src / "benchmark_RELEASE" / "dataset"
+    train, val = _ids(voc / "ImageSets/Segmentation/train.txt"), _ids(voc / "ImageSets/Segmentation/val.txt")
+    expected_aug = sorted((set(_ids(sbd / "train.txt")) | set(_ids(sbd / "val.txt")) | set(train)) - set(val))
+    assert len(expected_aug) == 12 + 12 - 0  # 12 SBD-only + 12 VOC train; SBD's val ids are removed
+    for split, ids in [("train_aug", expected_aug), ("train", train), ("val", val)]:
+        idx = load_index(out, split)
+        assert idx.keys == ids
+        assert idx.num_samples == len(ids)
+        assert [s.count for s in idx.shards] == [min(5, len(ids) - i) for i in range(0, len(ids), 5)]
+        assert idx.class_names == CLASS_NAMES and idx.has_masks
+        d = json.loads((out / f"{split}.json").read_text())
+        assert d["num_samples"] == len(ids)
+
+
+def test_checksums_and_sizes_match_the_index(data):
+    _, out = data
+    for split in ("train_aug", "train", "val"):
+        for s in load_index(out, split).shards:
+            raw = (out / s.name).read_bytes()
+            assert hashlib.sha256(raw).hexdigest() == s.sha256 and len(raw) == s.bytes
+
+
+def test_every_sample_equals_its_source(data):
+    src, out = data
+    voc = src / "VOCdevkit" / "VOC2012"
+    sbd = src / "benchmark_RELEASE" / "dataset"
+    n_sbd_masks = 0
+    for split in ("train_aug", "train", "val"):
+        idx = load_index(out, split)
+        for s in idx.shards:
+            for raw in iter_shard(out / s.name, s.count):
+                assert raw.error is None
+                assert raw.jpg == (voc / "JPEGImages" / f"{raw.key}.jpg").read_bytes()
+                official = voc / "SegmentationClass" / f"{raw.key}.png"
+                if official.exists():
+                    assert raw.mask == official.read_bytes()
+                else:  # SBD-only id: the mask comes from SBD's .mat, converted to an index PNG
+                    seg = scipy.io.loadmat(sbd / "cls" / f"{raw.key}.mat", squeeze_me=True,
+                                           struct_as_record=False)["GTcls"].Segmentation
+                    assert np.array_equal(decode_mask(raw.mask, raw.key), seg)
+                    n_sbd_masks += 1
+                assert raw.labels == labels_from_mask(decode_mask(raw.mask, raw.key), raw.key)
+    assert n_sbd_masks == 12
+
+
+def test_rerun_keeps_identical_shards(data, tmp_path):
+    src, out = data
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in copy.glob("*.tar")}
+    proc = run_vwe("prepare", "--voc", str(src), "--sbd", str(src / "benchmark_RELEASE"), "--out", str(copy),
+                   "--shard-size", "5")
+    assert "found at" in proc.stdout and "0 written" in proc.stdout
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in copy.glob("*.tar")}
+    assert after == before
+    # a different shard size rewrites, and removes shards the new index no longer lists
+    prepare(src, src / "benchmark_RELEASE", copy, shard_size=100)
+    assert sorted(p.name for p in copy.glob("train_aug-*.tar")) == ["train_aug-000000.tar"]
+    assert load_index(copy, "train_aug").num_samples == 24
+
+
+def test_without_sbd_and_xml_fallback(data, tmp_path):
+    src, _ = data
+    voc = tmp_path / "VOC2012"
+    shutil.copytree(src / "VOCdevkit" / "VOC2012", voc)
+    key = _ids(voc / "ImageSets/Segmentation/train.txt")[0]
+    (voc / "SegmentationClass" / f"{key}.png").unlink()
+    (voc / "SegmentationClassAug" / f"{key}.png").unlink()
+    out = tmp_path / "out"
+    prepare(voc, None, out, shard_size=1000)
+    idx = load_index(out, "train_aug")
+    assert idx.keys == load_index(out, "train").keys and not idx.has_masks
+    raw = next(r for r in iter_shard(out / idx.shards[0].name) if r.key == key)
+    assert raw.mask is None
+    mask = decode_mask((src / "VOCdevkit/VOC2012/SegmentationClass" / f"{key}.png").read_bytes(), key)
+    assert raw.labels == labels_from_mask(mask, key)  # synthetic XML and masks agree
+
+
+def test_interrupted_write_leaves_no_complete_looking_shard(data, tmp_path):
+    src, _ = data
+    voc = tmp_path / "VOC2012"
+    shutil.copytree(src / "VOCdevkit" / "VOC2012", voc)
+    bad = sorted(_ids(voc / "ImageSets/Segmentation/train.txt"))[7]   # in train_aug's second shard
+    jpg = voc / "JPEGImages" / f"{bad}.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:200])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=f"{bad}.jpg"):
+        prepare(voc, None, out, shard_size=5)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["train_aug-000000.tar"], names      # no partial shard, no temp file, no index
+    assert len(list(iter_shard(out / "train_aug-000000.tar"))) == 5
+
+
+def test_prepare_errors_name_the_file(tmp_path, data):
+    src, _ = data
+    with pytest.raises(DataError, match="VOC folder not found"):
+        prepare(tmp_path / "nope", None, tmp_path / "o")
+    with pytest.raises(DataError, match="no VOC2012 data under"):
+        prepare(tmp_path, None, tmp_path / "o")
+    with pytest.raises(DataError, match="SBD folder not found"):
+        prepare(src, tmp_path / "nosbd", tmp_path / "o")
+    proc = run_vwe("prepare", "--voc", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr

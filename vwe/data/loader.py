@@ -1,0 +1,278 @@
+"""Training and inference loaders over the shards, split by rank (and by loader worker) here.
+
+Training: each rank reads an endless stream of shards (the epoch's shard order, repeated with fresh
+permutations, rank r taking every world-th shard), shuffles raw samples in a buffer, and cuts the
+stream into micro-batches. The content of micro-batch j is a function of (seed, epoch, rank, world, j)
+alone: every loader worker replays the same raw stream (cheap: bytes, no decoding) and decodes only its
+own batches, so results do not depend on the worker count and `start_batch=k` resumes exactly.
+A sample's augmentation draws from (seed, epoch, key) only.
+
+Inference: the split's samples, in index order, are cut into one contiguous range per rank and then per
+worker: every sample exactly once over all ranks, for any world size and shard count.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vwe.data.shards import RawSample, SplitIndex, iter_shard, load_index, verify_shards
+from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, train_augment
+from vwe.data.voc import NUM_CLASSES, decode_mask
+from vwe.errors import DataError, VweError
+
+log = logging.getLogger("vwe.data")
+_ERROR = "__vwe_data_error__"
+
+
+def _index(cfg, split: str) -> SplitIndex:
+    idx = load_index(cfg.data.root, split)
+    if cfg.data.verify_shards:
+        verify_shards(idx)
+    return idx
+
+
+def steps_per_epoch(cfg) -> int:
+    """Optimizer steps per epoch: len(train split) // train.batch_size (drop_last)."""
+    n = load_index(cfg.data.root, cfg.data.train_split).num_samples
+    steps = n // cfg.train.batch_size
+    if steps == 0:
+        raise VweError(f"split '{cfg.data.train_split}' has {n} samples, fewer than one batch "
+                       f"(train.batch_size = {cfg.train.batch_size})")
+    return steps
+
+
+def micro_batch_size(cfg, world: int) -> int:
+    """Samples per micro-batch on one rank: batch_size // (world * grad_accum), which must divide evenly."""
+    b, acc = cfg.train.batch_size, cfg.train.grad_accum
+    if b % (world * acc):
+        raise VweError(f"train.batch_size ({b}) must be divisible by world size x train.grad_accum "
+                       f"({world} x {acc})")
+    return b // (world * acc)
+
+
+def _labels_vec(labels: list[int]) -> torch.Tensor:
+    v = torch.zeros(NUM_CLASSES, dtype=torch.float32)
+    v[labels] = 1.0
+    return v
+
+
+def _shard_order(n_shards: int, seed: int, epoch: int, rank: int, world: int) -> Iterator[int]:
+    """Endless shard sequence of one rank: per cycle a fresh permutation, rank r takes every world-th."""
+    pos, cycle = 0, 0
+    while True:
+        perm = np.random.default_rng([seed, epoch, cycle, 0x5A4D]).permutation(n_shards)
+        for s in perm:
+            if pos % world == rank:
+                yield int(s)
+            pos += 1
+        cycle += 1
+
+
+class _TrainStream(IterableDataset):
+    def __init__(self, cfg, index: SplitIndex, rank: int, world: int, epoch: int, start_batch: int,
+                 total: int, batch: int):
+        self.d, self.index = cfg.data, index
+        self.seed = cfg.train.seed
+        self.rank, self.world, self.epoch = rank, world, epoch
+        self.start, self.total, self.batch = start_batch, total, batch
+
+    def _raw(self) -> Iterator[RawSample]:
+        """This rank's shuffled raw-sample stream (identical in every worker)."""
+        shards = self.index.shards
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world, 0xB0F])
+        buf: list[RawSample] = []
+        size = self.d.shuffle_buffer
+        for s in _shard_order(len(shards), self.seed, self.epoch, self.rank, self.world):
+            for raw in iter_shard(self.index.path(shards[s]), shards[s].count):
+                if size <= 1:
+                    yield raw
+                    continue
+                if len(buf) < size:
+                    buf.append(raw)
+                    continue
+                i = int(rng.integers(size))
+                buf[i], raw = raw, buf[i]
+                yield raw
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        try:
+            yield from self._batches(wid, nw)
+        except DataError as e:
+            yield {_ERROR: str(e)}
+
+    def _batches(self, wid: int, nw: int) -> Iterator[dict]:
+        skip_mode = self.d.on_corrupt == "skip"
+        stream = self._raw()
+        crop = self.d.crop_size
+        for j in range(self.total):
+            mine = j >= self.start and (j - self.start) % nw == wid
+            samples, skipped = [], 0
+            while len(samples) < self.batch:
+                raw = next(stream)
+                if raw.error is not None:
+                    if not skip_mode:
+                        raise DataError(raw.error)
+                    if mine:
+                        skipped += 1
+                        log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", raw.error)
+                    continue
+                samples.append(raw)
+            if not mine:
+                continue
+            yield self._decode(j, samples, skipped, crop, skip_mode)
+
+    def _decode(self, j: int, samples: list[RawSample], skipped: int, crop: int, skip_mode: bool) -> dict:
+        b = len(samples)
+        image = torch.empty((b, 3, crop, crop), dtype=torch.uint8)
+        ok = [False] * b
+        for i, raw in enumerate(samples):
+            try:
+                train_augment(raw.jpg, sample_rng(self.seed, self.epoch, raw.key), tuple(self.d.long_side), crop,
+                              self.d.flip, image[i], f"shard {raw.shard}, sample {raw.key!r}", raw.mask)
+                ok[i] = True
+            except DataError as e:
+                if not skip_mode:
+                    raise
+                skipped += 1
+                log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", e)
+        keys = [s.key for s in samples]
+        labels = [s.labels for s in samples]
+        if not all(ok):
+            # refill a corrupt slot with a good sample of the same batch, chosen deterministically
+            good = [i for i in range(b) if ok[i]]
+            if not good:
+                raise DataError(f"micro-batch {j} of epoch {self.epoch} (rank {self.rank}): every sample is "
+                                f"corrupt ({', '.join(keys)})")
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, j, 0xBAD])
+            for i in range(b):
+                if not ok[i]:
+                    g = good[int(rng.integers(len(good)))]
+                    image[i] = image[g]
+                    keys[i], labels[i] = keys[g], labels[g]
+        return {"image": image, "labels": torch.stack([_labels_vec(l) for l in labels]), "key": keys,
+                "skipped": skipped}
+
+
+def _run(dataset: IterableDataset, num_workers: int) -> Iterator[Any]:
+    """Iterate in this process (0 workers) or through a DataLoader; worker errors re-raise as DataError."""
+    if num_workers == 0:
+        it: Any = iter(dataset)
+    else:
+        it = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                             prefetch_factor=2, persistent_workers=False))
+    try:
+        for item in it:
+            if _ERROR in item:
+                raise DataError(item[_ERROR])
+            yield item
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+    """This rank's micro-batches of one epoch, from micro-batch `start_batch` on (see module doc).
+
+    Yields exactly steps_per_epoch(cfg) * train.grad_accum - start_batch dicts: `image` uint8
+    (B,3,S,S), `labels` float32 (B,20), `key` list[str], `skipped` int (corrupt samples skipped
+    while making this batch; only with data.on_corrupt = skip).
+    """
+    if not 0 <= rank < world:
+        raise VweError(f"rank {rank} outside world size {world}")
+    idx = _index(cfg, cfg.data.train_split)
+    total = steps_per_epoch(cfg) * cfg.train.grad_accum
+    if not 0 <= start_batch <= total:
+        raise VweError(f"start_batch {start_batch} outside 0..{total}")
+    b = micro_batch_size(cfg, world)
+    ds = _TrainStream(cfg, idx, rank, world, epoch, start_batch, total, b)
+    workers = min(cfg.data.num_workers, total - start_batch)
+    skipped = 0
+    for batch in _run(ds, workers):
+        skipped += batch["skipped"]
+        yield batch
+    if skipped:
+        log.warning("epoch %d, rank %d: %d corrupt samples skipped (data.on_corrupt=skip)", epoch, rank, skipped)
+
+
+class _InferStream(IterableDataset):
+    def __init__(self, cfg, index: SplitIndex, lo: int, hi: int, with_scales: bool):
+        self.index, self.lo, self.hi = index, lo, hi
+        self.scales = list(cfg.infer.scales) if with_scales else None
+        self.flip = cfg.infer.flip
+        self.skip_mode = cfg.data.on_corrupt == "skip"
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        n = self.hi - self.lo
+        lo, hi = self.lo + wid * n // nw, self.lo + (wid + 1) * n // nw
+        try:
+            yield from self._samples(lo, hi)
+        except DataError as e:
+            yield {_ERROR: str(e)}
+
+    def _samples(self, lo: int, hi: int) -> Iterator[dict]:
+        pos, skipped = 0, 0
+        for shard in self.index.shards:
+            if pos + shard.count <= lo or pos >= hi:
+                pos += shard.count
+                continue
+            for raw in iter_shard(self.index.path(shard), shard.count):
+                if lo <= pos < hi:
+                    try:
+                        if raw.error is not None:
+                            raise DataError(raw.error)
+                        yield {**self._decode(raw), "skipped": skipped}
+                        skipped = 0
+                    except DataError as e:
+                        if not self.skip_mode:
+                            raise
+                        skipped += 1
+                        log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", e)
+                pos += 1
+        if skipped:
+            log.warning("%d corrupt samples skipped at the end of this loader's range", skipped)
+
+    def _decode(self, raw: RawSample) -> dict:
+        where = f"shard {raw.shard}, sample {raw.key!r}"
+        im = load_rgb(open_jpeg(raw.jpg, where), where)
+        w, h = im.size
+        mask = None
+        if raw.mask is not None:
+            m = decode_mask(raw.mask, where)
+            if m.shape != (h, w):
+                raise DataError(f"{where}: mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}")
+            mask = torch.from_numpy(m.copy())
+        out = {"key": raw.key, "image": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),
+               "labels": _labels_vec(raw.labels), "mask": mask}
+        if self.scales is not None:
+            out["scales"] = [resize_pair(im, s, self.flip) for s in self.scales]
+        return out
+
+
+def infer_ranges(n: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) sample ranges, one per rank, covering 0..n exactly once."""
+    return [(r * n // world, (r + 1) * n // world) for r in range(world)]
+
+
+def infer_samples(cfg, rank: int, world: int, split: str | None = None, with_scales: bool = True) -> Iterator[dict]:
+    """Every sample of `split` (default data.infer_split) exactly once over all ranks.
+
+    Dicts: `key` str, `image` uint8 (3,H,W), `labels` float32 (20,), `mask` uint8 (H,W) or None,
+    `scales` (with_scales) a list, one per infer.scales, of uint8 (2,3,h,w): the resized image and its
+    horizontal flip ((1,3,h,w) when infer.flip is false), `skipped` int (corrupt samples skipped just
+    before this one; only with data.on_corrupt = skip).
+    """
+    if not 0 <= rank < world:
+        raise VweError(f"rank {rank} outside world size {world}")
+    idx = _index(cfg, split or cfg.data.infer_split)
+    lo, hi = infer_ranges(idx.num_samples, world)[rank]
+    ds = _InferStream(cfg, idx, lo, hi, with_scales)
+    yield from _run(ds, min(cfg.infer.num_workers, max(hi - lo, 1)) if hi > lo else 0)

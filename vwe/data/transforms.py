@@ -1,0 +1,124 @@
+"""Decoding and augmentation on uint8 images; normalisation where the batch lands (on the device).
+
+Batches stay uint8 from the shard to the device (4x less to copy than float32). Where a crop is larger
+than the resized image, the padding is the ImageNet mean colour, which `normalize` maps to about 0: the
+uint8 equivalent of METHOD.md's zero padding after normalisation.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vwe.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN_UINT8 = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)   # (124, 116, 104): the padding colour
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,3,H,W) or (3,H,W) on any device -> float32 normalised with the ImageNet mean/std."""
+    shape = (1, 3, 1, 1) if images.dim() == 4 else (3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=torch.float32).view(shape) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=torch.float32).view(shape) * 255.0
+    return (images.to(torch.float32) - mean) / std
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The random state of one sample's augmentation: a function of (seed, epoch, key) only."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, epoch, h])
+
+
+def open_jpeg(data: bytes, where: str) -> Image.Image:
+    """Open (lazily) a JPEG from bytes; a file that is not an image raises DataError naming `where`."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise DataError(f"{where}: cannot decode JPEG: {e}") from None
+
+
+def load_rgb(im: Image.Image, where: str) -> Image.Image:
+    """Decode fully into RGB; corrupt or truncated data raises DataError naming `where`."""
+    try:
+        im.load()
+        return im if im.mode == "RGB" else im.convert("RGB")
+    except Exception as e:
+        raise DataError(f"{where}: cannot decode JPEG: {e}") from None
+
+
+def png_size(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) from a PNG header (no pixel decoding)."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as e:
+        raise DataError(f"{where}: cannot decode mask PNG: {e}") from None
+    if im.format != "PNG":
+        raise DataError(f"{where}: mask is not a PNG (format {im.format})")
+    return im.size
+
+
+def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (antialiased) resize of a uint8 (1,3,H,W) tensor to size (h, w), staying uint8.
+
+    Given a channels-last view (as made by `to_tensor`), torch takes its vectorised uint8 path: about
+    2.5x faster than PIL's resize on the same image.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 (1,3,H,W) tensor with channels-last memory (no transpose copy)."""
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).unsqueeze(0)
+
+
+def train_augment(jpg: bytes, rng: np.random.Generator, long_side: tuple[int, int], crop: int, flip: bool,
+                  out: torch.Tensor, where: str, mask_png: bytes | None = None) -> None:
+    """Decode, resize (long side uniform in [lo, hi]), flip, random crop/pad into `out` (3, crop, crop) uint8.
+
+    Draws, in order: long side, flip, crop x, crop y; always all four, so the stream of draws does not
+    depend on the image. JPEG draft mode lets libjpeg decode straight at 1/2, 1/4 or 1/8 scale when the
+    target is that much smaller; the resize then works on far fewer pixels.
+    """
+    target = int(rng.integers(long_side[0], long_side[1] + 1))
+    do_flip = bool(rng.random() < 0.5) and flip
+    ux, uy = rng.random(2)
+    im = open_jpeg(jpg, where)
+    w0, h0 = im.size
+    if mask_png is not None and png_size(mask_png, where) != (w0, h0):
+        mw, mh = png_size(mask_png, where)
+        raise DataError(f"{where}: mask is {mw}x{mh} but the image is {w0}x{h0}")
+    scale = target / max(w0, h0)
+    tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+    if scale < 1.0:
+        im.draft("RGB", (tw, th))
+    x = resize_uint8(to_tensor(load_rgb(im, where)), (th, tw))[0]
+    # a crop window inside the image when it is larger, else the image placed at random in the crop
+    cw, ch = min(crop, tw), min(crop, th)
+    x0 = int(ux * (tw - cw + 1)) if tw > crop else 0
+    y0 = int(uy * (th - ch + 1)) if th > crop else 0
+    dx = int(ux * (crop - tw + 1)) if tw < crop else 0
+    dy = int(uy * (crop - th + 1)) if th < crop else 0
+    x = x[:, y0:y0 + ch, x0:x0 + cw]
+    if do_flip:
+        x = x.flip(-1)
+    if (cw, ch) != (crop, crop):
+        out.copy_(torch.tensor(MEAN_UINT8, dtype=torch.uint8).view(3, 1, 1).expand_as(out))
+    out[:, dy:dy + ch, dx:dx + cw].copy_(x)
+
+
+def resize_pair(im: Image.Image, scale: float, flip: bool) -> torch.Tensor:
+    """The image resized by `scale` (bilinear) and, with flip, its mirror: uint8 (1 or 2, 3, h, w)."""
+    w, h = im.size
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    a = resize_uint8(to_tensor(im), size)[0].contiguous()
+    if not flip:
+        return a.unsqueeze(0)
+    return torch.stack([a, a.flip(-1)])
