@@ -1,0 +1,237 @@
+"""Backbone: output stride, norms, freezing, checkpointing, BN folding, weights files."""
+import logging
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+from vwe.errors import CheckpointError
+from vwe.model.backbone import (Backbone, FrozenBatchNorm2d, build_backbone, fold_frozen_bn,
+                                imagenet_weights_file)
+
+
+def _randomise_bn(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine, so frozen-BN tests compare real values."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+            n = m.running_mean.shape[0]
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("name,channels", [("resnet18", 512), ("resnet50", 2048)])
+def test_output_stride_16(name, channels):
+    bb = Backbone(name, norm="frozen").eval()
+    assert bb.out_channels == channels
+    with torch.no_grad():
+        assert bb(torch.randn(1, 3, 64, 80)).shape == (1, channels, 4, 5)
+        assert bb(torch.randn(1, 3, 65, 49)).shape == (1, channels, 5, 4)  # ceil(size / 16)
+    # no dilation anywhere
+    assert all(m.dilation == (1, 1) for m in bb.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_frozen_bn_uses_running_stats_in_training():
+    bb = Backbone("resnet18", norm="frozen")
+    _randomise_bn(bb)
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    bb.train()
+    y_train = bb(x)
+    bb.eval()
+    with torch.no_grad():
+        y_eval = bb(x)
+    torch.testing.assert_close(y_train.detach(), y_eval)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
+    for k, v in bb.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # BN statistics and affine are buffers: not in parameters()
+    names = [n for n, _ in bb.named_parameters()]
+    assert not any("bn" in n or "downsample.1" in n for n in names)
+
+
+def test_trainable_norms_learn_and_stem_is_frozen():
+    for norm, cls in [("batch", nn.BatchNorm2d), ("group", nn.GroupNorm)]:
+        bb = Backbone("resnet18", norm=norm).train()
+        assert any(isinstance(m, cls) for m in bb.modules())
+        trainable = {n for n, p in bb.named_parameters() if p.requires_grad}
+        assert "layer1.0.bn1.weight" in trainable and "layer4.1.bn2.bias" in trainable
+        assert "conv1.weight" not in trainable and "bn1.weight" not in trainable
+        x = torch.randn(2, 3, 64, 64)
+        bb(x).square().mean().backward()
+        assert bb.conv1.weight.grad is None and bb.bn1.weight.grad is None
+        assert bb.layer1[0].bn1.weight.grad.abs().sum() > 0
+
+
+def test_detach_stage2_freezes_stages_1_2():
+    bb = Backbone("resnet18", norm="frozen", detach_stage2=True).train()
+    frozen = {n.split(".")[0] for n, p in bb.named_parameters() if not p.requires_grad}
+    trainable = {n.split(".")[0] for n, p in bb.named_parameters() if p.requires_grad}
+    assert frozen == {"conv1", "layer1", "layer2"} and trainable == {"layer3", "layer4"}
+    bb(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert all(p.grad is None for p in bb.layer2.parameters())
+    assert all(p.grad is not None for p in bb.layer3.parameters())
+    undetached = Backbone("resnet18", norm="frozen", detach_stage2=False)
+    assert all(p.requires_grad for p in undetached.layer1.parameters())
+
+
+def _grads(bb, x):
+    bb.zero_grad(set_to_none=True)
+    out = bb(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in bb.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("norm,detach", [("frozen", True), ("batch", False)])
+def test_grad_checkpointing_same_gradients_and_stats(norm, detach):
+    torch.manual_seed(0)
+    plain = Backbone("resnet18", norm=norm, detach_stage2=detach).train()
+    if norm == "frozen":
+        _randomise_bn(plain)
+    ckpt = Backbone("resnet18", norm=norm, detach_stage2=detach, grad_checkpointing=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    out_a, grads_a = _grads(plain, x)
+    out_b, grads_b = _grads(ckpt, x)
+    torch.testing.assert_close(out_a, out_b)
+    assert grads_a.keys() == grads_b.keys()
+    assert len(grads_a) == sum(p.requires_grad for p in plain.parameters()) >= 10
+    for k in grads_a:
+        torch.testing.assert_close(grads_a[k], grads_b[k], rtol=1e-4, atol=1e-6, msg=k)
+    # the recomputation does not update BatchNorm running statistics a second time
+    sa, sb = plain.state_dict(), ckpt.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], msg=k)
+
+
+def test_channels_last_same_output():
+    torch.manual_seed(0)
+    a = Backbone("resnet18", norm="frozen").eval()
+    _randomise_bn(a)
+    b = Backbone("resnet18", norm="frozen", channels_last=True).eval()
+    b.load_state_dict(a.state_dict())
+    b = b.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_frozen_bn_same_output():
+    torch.manual_seed(0)
+    bb = Backbone("resnet18", norm="frozen").eval()
+    _randomise_bn(bb)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = bb(x)
+        n = fold_frozen_bn(bb)
+        got = bb(x)
+    assert n == 1 + 8 * 2 + 3  # stem, 8 blocks x 2, 3 downsample
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in bb.modules())
+    # float32 rounding differs after ~20 folded layers: compare relative to the output's scale
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------ weights files
+
+@pytest.fixture(scope="module")
+def tv_resnet18():
+    torch.manual_seed(3)
+    m = torchvision.models.resnet18(weights=None)
+    _randomise_bn(m, seed=3)
+    return m
+
+
+def _check_loaded(bb, tv):
+    own = bb.state_dict()
+    for k, v in tv.state_dict().items():
+        if k.startswith("fc.") or k.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(own[k], v), k
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "legacy"])
+def test_torchvision_state_dict_loads(tmp_path, tv_resnet18, fmt, caplog):
+    sd = tv_resnet18.state_dict()
+    path = tmp_path / f"r18.{ 'safetensors' if fmt == 'safetensors' else 'pth'}"
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    elif fmt == "pth":
+        torch.save(sd, path)
+    else:  # like resnet50-19c8e357.pth: pre-zip serialisation, BatchNorm without num_batches_tracked
+        torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, path,
+                   _use_new_zipfile_serialization=False)
+    with caplog.at_level(logging.WARNING):
+        bb, report = build_backbone("resnet18", pretrained=str(path), norm="frozen")
+    _check_loaded(bb, tv_resnet18)
+    assert report.missing == [] and report.unexpected == []
+    assert not caplog.records
+
+
+def test_missing_and_unexpected_keys_reported(tmp_path, tv_resnet18, caplog):
+    sd = dict(tv_resnet18.state_dict())
+    del sd["layer4.1.conv2.weight"]
+    sd["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "partial.pth"
+    torch.save(sd, path)
+    with caplog.at_level(logging.WARNING):
+        _, report = build_backbone("resnet18", pretrained=str(path), norm="batch")
+    assert report.missing == ["layer4.1.conv2.weight"]
+    assert report.unexpected == ["extra.weight"]
+    assert "layer4.1.conv2.weight" in caplog.text and "extra.weight" in caplog.text
+
+
+def test_shape_mismatch_refused(tmp_path, tv_resnet18):
+    sd = dict(tv_resnet18.state_dict())
+    sd["layer3.0.conv1.weight"] = torch.zeros(256, 128, 1, 1)
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(CheckpointError, match=r"'layer3.0.conv1.weight' has shape \(256, 128, 1, 1\)"):
+        build_backbone("resnet18", pretrained=str(path))
+
+
+def test_other_model_or_missing_file_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="no key matches"):
+        build_backbone("resnet18", pretrained=str(path))
+    with pytest.raises(CheckpointError, match="not found"):
+        build_backbone("resnet18", pretrained=str(tmp_path / "nope.pth"))
+
+
+def test_group_norm_takes_bn_affine(tmp_path, tv_resnet18):
+    path = tmp_path / "r18.pth"
+    torch.save(tv_resnet18.state_dict(), path)
+    bb, report = build_backbone("resnet18", pretrained=str(path), norm="group")
+    assert report.unexpected == [] and report.missing == []
+    assert torch.equal(bb.layer2[0].bn1.weight, tv_resnet18.layer2[0].bn1.weight)
+
+
+def test_imagenet_from_torch_cache(tmp_path, monkeypatch, tv_resnet18):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path, url = imagenet_weights_file("resnet18")
+    assert path == tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True)
+    torch.save(tv_resnet18.state_dict(), path)
+    bb, report = build_backbone("resnet18", pretrained="imagenet")
+    _check_loaded(bb, tv_resnet18)
+
+
+def test_imagenet_absent_names_file_and_folder(tmp_path, monkeypatch):
+    # no cached file; this machine has no network, so the download fails and the error says what to do
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path, _ = imagenet_weights_file("resnet34")
+    try:
+        import socket
+        socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
+        pytest.skip("network available: the weights would download")
+    except OSError:
+        pass
+    with pytest.raises(CheckpointError) as info:
+        build_backbone("resnet34", pretrained="imagenet")
+    assert path.name in str(info.value) and str(path.parent) in str(info.value)
+    assert not path.exists()
