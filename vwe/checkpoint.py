@@ -48,7 +48,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def save_checkpoint(accelerator, run_dir: Path, meta: dict, keep: int) -> Path:
     """Save Accelerate state and `meta` into checkpoints/step-N atomically; keep the newest `keep`."""
     root = checkpoint_root(run_dir)
-    final = root / f"step-{meta['step']:06d}"
+    final = root / f"step-{meta['progress']['step']:06d}"
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import resource
 import signal
 import time
@@ -78,7 +79,10 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     if cfg.train.mixed_precision == "fp16" and not cuda:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (fp16 loss scaling is not supported on CPU); "
                           "use bf16 on CPU")
-    handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+    # Without a GPU, Accelerate's DeepSpeed path must be told to use gloo or each rank believes it is alone;
+    # in a single process, naming a backend would make it expect a process group that does not exist.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not cuda else []
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum,

@@ -33,7 +33,8 @@ def colour_mask(label: np.ndarray) -> np.ndarray:
 
 def _tile(rgb: np.ndarray, title: str) -> Image.Image:
     img = Image.fromarray(rgb).convert("RGB")
-    img.thumbnail((TILE, TILE))
+    scale = TILE / max(img.size)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.NEAREST)
     tile = Image.new("RGB", (TILE, TILE + LABEL_H), "white")
     tile.paste(img, ((TILE - img.width) // 2, LABEL_H))
     ImageDraw.Draw(tile).text((2, 1), title[:26], fill="black")
