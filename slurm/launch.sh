@@ -24,7 +24,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=slurm/lib.sh
+# shellcheck source=lib.sh
 . "$here/lib.sh"
 home="${VWE_HOME:-$(dirname "$here")}"
 python="${VWE_PYTHON:-python3}"
@@ -101,24 +101,23 @@ echo "launch.sh: node $node_rank/$nnodes ($(hostname)) procs $procs head $head_a
      "logs $log_dir: vwe $*"
 
 preempted=""
+# shellcheck disable=SC2317  # called from traps
 forward() {
-    preempted="$1"
-    VWE_GOT_SIGNAL=1
+    [ -n "$preempted" ] || preempted="$1"
     echo "launch.sh: node $node_rank got SIG$1: asking the vwe processes to checkpoint and stop"
-    # The workers are children of the agent (torchrun runs inside accelerate launch).
-    local kids
-    kids="$(cat "/proc/$agent/task/"*/children 2>/dev/null || true)"
+    # slurmstepd usually signals every process of the step itself; torchrun starts its workers in new
+    # sessions, so with proctrack/pgid only this forwarding reaches them. A second USR1 is harmless.
+    local pids
+    pids="$(vwe_descendants "$VWE_PID")"
     # shellcheck disable=SC2086
-    [ -z "$kids" ] || kill -USR1 $kids 2>/dev/null || true
+    [ -z "$pids" ] || kill -USR1 $pids 2>/dev/null || true
 }
 
 trap '' USR1                 # inherited by the agent (and its workers until they install handlers)
-"${cmd[@]}" &
-agent=$!
+vwe_spawn "${cmd[@]}"
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
-
-vwe_wait "$agent"
+vwe_wait
 rc="$VWE_RC"
 
 if [ -n "$preempted" ] && [ "$rc" -ne 0 ]; then

@@ -2,32 +2,51 @@
 # shellcheck shell=bash
 
 PREEMPT_EXIT_CODE=75   # vwe.preempt.PREEMPT_EXIT_CODE: "checkpointed after a preemption signal"
-VWE_GOT_SIGNAL=0       # set to 1 by signal traps, so vwe_wait knows why `wait` returned
 
-# vwe_wait PID: wait for a background child until it has really exited, also when traps interrupt
-# `wait` (it then returns 128+signal early); sets VWE_RC to the child's exit status.
+# vwe_spawn CMD...: run CMD in the background; sets VWE_PID. The exit status goes to a file because
+# `wait` interrupted by a signal trap can lose it. The wrapper shell outlives a SIGTERM (a trap, not
+# "ignore", so CMD itself still gets the default SIGTERM behaviour).
+vwe_spawn() {
+    VWE_STATUS_FILE="$(mktemp "${TMPDIR:-/tmp}/vwe-status.XXXXXX")"
+    (
+        trap 'true' TERM
+        rc=0
+        "$@" || rc=$?
+        echo "$rc" > "$VWE_STATUS_FILE"
+    ) &
+    VWE_PID=$!
+}
+
+# vwe_wait: wait (through any number of trap interruptions) until the spawned command has exited;
+# sets VWE_RC to its exit status.
 vwe_wait() {
-    local pid="$1" rc prev=""
-    while :; do
-        VWE_GOT_SIGNAL=0
-        wait "$pid" && rc=0 || rc=$?
-        if [ "$rc" -eq 127 ] && [ -n "$prev" ]; then rc="$prev"; break; fi   # already reaped
-        if [ "$VWE_GOT_SIGNAL" = 1 ] && [ "$rc" -gt 128 ]; then prev="$rc"; continue; fi
-        break
+    while kill -0 "$VWE_PID" 2>/dev/null; do
+        wait "$VWE_PID" 2>/dev/null || true
     done
-    VWE_RC="$rc"
+    VWE_RC="$(cat "$VWE_STATUS_FILE" 2>/dev/null || true)"
+    rm -f "$VWE_STATUS_FILE"
+    VWE_RC="${VWE_RC:-1}"   # the wrapper itself was killed (SIGKILL)
+}
+
+# vwe_descendants PID: every process below PID (from /proc; Linux).
+vwe_descendants() {
+    local kid
+    # shellcheck disable=SC2013  # the file is a space-separated pid list
+    for kid in $(cat "/proc/$1/task/"*/children 2>/dev/null); do
+        echo "$kid"
+        vwe_descendants "$kid"
+    done
 }
 
 VWE_SIGNAL=""        # first signal the batch script received (USR1: time limit near / preemption notice)
 VWE_TERMINATED=0     # 1 once SIGTERM arrived (scancel, or SLURM preempting: SLURM decides about requeue)
-VWE_STEP_PID=""
 
 _vwe_on_signal() {
-    VWE_GOT_SIGNAL=1
     [ -n "$VWE_SIGNAL" ] || VWE_SIGNAL="$1"
     [ "$1" != TERM ] || VWE_TERMINATED=1
-    echo "$(date '+%F %T') batch: got SIG$1; forwarding SIGUSR1 to the running step (checkpoint and stop)"
-    if [ -n "$VWE_STEP_PID" ]; then kill -USR1 "$VWE_STEP_PID" 2>/dev/null || true; fi
+    echo "$(date '+%F %T') batch: got SIG$1; sending SIGUSR1 to the job's steps (checkpoint and stop)"
+    # Without --batch/--full, scancel signals every step of the job but not this batch shell.
+    scancel --signal=USR1 "$SLURM_JOB_ID" || true
 }
 
 # vwe_step SUBCOMMAND [ARGS...]: one task per node of the allocation runs slurm/launch.sh, which starts
@@ -38,11 +57,9 @@ vwe_step() {
     trap '_vwe_on_signal TERM' TERM
     # --wait: once one node's launcher ended, give the others time to finish (a checkpoint in
     # progress, or a rendezvous that can no longer complete) before the step is killed.
-    srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --wait="${VWE_STEP_WAIT:-120}" \
-        "$VWE_HOME/slurm/launch.sh" "$@" &
-    VWE_STEP_PID=$!
-    vwe_wait "$VWE_STEP_PID"
-    VWE_STEP_PID=""
+    vwe_spawn srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 --wait="${VWE_STEP_WAIT:-120}" \
+        "$VWE_HOME/slurm/launch.sh" "$@"
+    vwe_wait
     echo "$(date '+%F %T') batch: step 'vwe $1' exited with $VWE_RC"
 }
 
