@@ -93,3 +93,26 @@ def test_usr1_checkpoint_exit_75_requeues(slurm_cluster, repo, tmp_path):
     log = out.read_text()
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", info
     assert "not requeueing" in log.split("(restart 1)")[1]
+
+
+def test_submit_chains_prepare_train_infer(slurm_cluster, repo, tmp_path):
+    """submit.sh: three jobs, each depending on the previous with afterok (submitted held, then
+    cancelled: what runs inside is covered by the tests of each script)."""
+    env = {**cpu_env(tmp_path, 1), "VWE_CONFIG": str(repo / "configs" / "demo.yaml"), "VWE_NODES": "2",
+           "VWE_VOC": str(tmp_path / "voc"), "VWE_SHARDS": str(tmp_path / "shards"),
+           "VWE_SBATCH_ARGS": f"--hold --output={tmp_path}/%x-%j.out"}
+    out = slurm_cluster.run(str(repo / "slurm" / "submit.sh"), "train.epochs=1", env=env, cwd=tmp_path).stdout
+    ids = dict(line.split() for line in out.strip().splitlines())
+    try:
+        assert list(ids) == ["prepare", "train", "infer"], out
+        jobs = {stage: slurm_cluster.job(int(i)) for stage, i in ids.items()}
+        assert jobs["prepare"]["JobName"] == "vwe-prepare" and jobs["prepare"]["Dependency"] == "(null)"
+        assert jobs["train"]["Dependency"].startswith(f"afterok:{ids['prepare']}")
+        assert jobs["infer"]["Dependency"].startswith(f"afterok:{ids['train']}")
+        assert jobs["train"]["NumNodes"].split("-")[0] == "2" and jobs["infer"]["NumNodes"].split("-")[0] == "2"
+        assert jobs["train"]["Command"] == str(repo / "slurm" / "train.sbatch")
+        assert jobs["train"]["Requeue"] == "1"
+        assert all(j["JobState"] == "PENDING" for j in jobs.values())
+    finally:
+        for i in ids.values():
+            slurm_cluster.cancel(int(i))
