@@ -70,7 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from vwe.doctor import doctor
-    return doctor(timeout_s=args.timeout) or 0
+    return doctor(timeout_s=args.timeout, hold_s=args.hold) or 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check the distributed setup: every rank joins and all-reduces")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the other ranks")
+    p.add_argument("--hold", type=float, default=0.0, metavar="SECONDS",
+                   help="after the check, keep the ranks alive this long; SIGUSR1/SIGTERM then makes them "
+                        "exit with the preemption code 75 (rehearses preemption and requeue on a cluster)")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="throughput, memory and MFU figures")

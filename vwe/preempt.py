@@ -1,0 +1,39 @@
+"""Preemption contract between the processes and the SLURM scripts.
+
+On SIGUSR1 (sent by SLURM before the time limit, `--signal=B:USR1@N`, forwarded by the batch script) or
+SIGTERM (preemption, scancel) a process finishes what it is doing, saves its state and exits with
+PREEMPT_EXIT_CODE; slurm/launch.sh and the sbatch scripts turn that code into `scontrol requeue`.
+"""
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class PreemptionFlag:
+    """Records the first preemption signal instead of dying; poll `requested` at safe points."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum)
+
+    def install(self) -> "PreemptionFlag":
+        for sig in PREEMPT_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
