@@ -11,7 +11,6 @@ import json
 import math
 import os
 import resource
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ from vwe.data.transforms import normalize
 from vwe.dist import gather_objects
 from vwe.errors import VweError
 from vwe.model.net import build_model, param_groups
+from vwe.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
 
-PREEMPT_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; the job should be requeued
 
 
 class TrainingDiverged(VweError):
@@ -47,18 +46,6 @@ class Progress:
     micro: int = 0
     samples: int = 0
     skipped: int = 0
-
-
-class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; the loop finishes its step, checkpoints, and exits."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
 
 
 def poly_factor(step: int, max_steps: int, power: float) -> float:
@@ -165,7 +152,7 @@ def train(cfg: Config) -> int:
         meta = {"progress": asdict(progress), "world": world, "config": cfg.to_dict(), "max_steps": max_steps}
         return save_checkpoint(accelerator, run_dir, meta, cfg.train.keep_checkpoints)
 
-    preempt = PreemptionFlag()
+    preempt = PreemptionFlag().install()
     bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     metrics_file = open(run_dir / "metrics.jsonl", "a") if accelerator.is_main_process else None
