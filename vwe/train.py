@@ -66,11 +66,14 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     if cfg.train.mixed_precision == "fp16" and not cuda:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (fp16 loss scaling is not supported on CPU); "
                           "use bf16 on CPU")
-    # Without a GPU, Accelerate's DeepSpeed path must be told to use gloo or each rank believes it is alone;
-    # in a single process, naming a backend would make it expect a process group that does not exist.
+    # Without a GPU the ranks only form a group if Accelerate is told so: cpu=True for plain data
+    # parallelism (launch/cpu.yaml), or the gloo backend named for DeepSpeed, which cpu=True would
+    # silently switch off. In a single process no backend may be named (there is no group to join).
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not cuda else []
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and deepspeed and not cuda else []
     return Accelerator(
+        cpu=not cuda and not deepspeed,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum,
                                                                 sync_with_dataloader=False),
