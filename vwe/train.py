@@ -280,9 +280,15 @@ class Window:
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer: equal digests mean bit-identical replicas."""
+    """SHA-256 over parameters and buffers: equal digests mean bit-identical replicas.
+
+    BatchNorm running statistics are left out: each rank updates them from its own batch, and DDP
+    broadcasts rank 0's before every forward (the exported weights are rank 0's).
+    """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
+        if name.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
+            continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
