@@ -1,0 +1,146 @@
+"""`vwe bench infer`: images/s of the 4-scale + flip CAM inference, against the straightforward way.
+
+Both take the same VOC-sized images (uint8, 375 x 500 by default) and the same network (random weights:
+speed does not depend on their values). The straightforward way is what the seed code did: per image
+and scale, PIL resize, float32 NumPy normalisation, the image and its flip in one fp32 NCHW forward of
+the whole network (word heads included), a pickled dict per image. vwe's way: the CAM path only,
+images of equal size batched with their flips, frozen BatchNorm folded into the convolutions,
+channels_last, autocast per `infer.mixed_precision`, resizing on uint8 tensors, an .npz per image.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vwe.cam_io import CamRecord, write_cam
+from vwe.config import Config
+from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8
+from vwe.infer import _autocast, keep_positive, multiscale_cams
+from vwe.model.backbone import fold_frozen_bn
+from vwe.model.net import build_model
+
+
+def _images(n: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(*size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _labels(n: int, classes: int, seed: int = 0) -> list[torch.Tensor]:
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for _ in range(n):
+        v = torch.zeros(classes)
+        v[rng.choice(classes, size=2, replace=False)] = 1
+        out.append(v)
+    return out
+
+
+def straightforward(model: torch.nn.Module, images: list[np.ndarray], labels: list[torch.Tensor],
+                    scales: list[float], out: Path, device: torch.device) -> None:
+    """The 2021 way, one image at a time."""
+    feats: dict = {}
+    hook = model.backbone.register_forward_hook(lambda m, i, o: feats.__setitem__("f", o))
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        h, w = img.shape[:2]
+        high = strided = 0
+        for s in scales:
+            im = Image.fromarray(img).resize((round(w * s), round(h * s)), Image.BILINEAR)
+            x = (np.asarray(im, np.float32) / 255.0 - mean) / std
+            x = np.stack([x, x[:, ::-1]]).transpose(0, 3, 1, 2).copy()
+            with torch.no_grad():
+                model(torch.from_numpy(x).to(device))  # the whole network, as the seed code ran it
+                cam = F.relu(F.conv2d(feats["f"], model.classifier.weight))
+            cam = torch.maximum(cam[0:1], cam[1:2].flip(-1))
+            high = high + F.interpolate(cam, (h, w), mode="bilinear", align_corners=False)[0]
+            strided = strided + F.interpolate(cam, (-(-h // 4), -(-w // 4)), mode="bilinear",
+                                              align_corners=False)[0]
+        keys, hr = keep_positive(high, lab)
+        _, st = keep_positive(strided, lab)
+        np.save(out / f"{i}.npy", {"keys": keys, "cam": st.cpu().numpy(), "high_res": hr.cpu().numpy()},
+                allow_pickle=True)
+    hook.remove()
+
+
+def ours(model: torch.nn.Module, images: list[np.ndarray], labels: list[torch.Tensor], scales: list[float],
+         out: Path, device: torch.device, batch: int, autocast, store) -> None:
+    """vwe's inference path on the same images (equal sizes here, so batches are full)."""
+    for start in range(0, len(images), batch):
+        group = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images[start:start + batch]]
+        h, w = group[0].shape[1:]
+        per_scale = []
+        for s in scales:
+            resized = [resize_uint8(g, (round(h * s), round(w * s))) for g in group]
+            per_scale.append(torch.stack(resized + [r.flip(-1) for r in resized]))
+        high, strided = multiscale_cams(model, per_scale, (h, w), device, True, autocast)
+        for j in range(len(group)):
+            keys, hr = keep_positive(high[j], labels[start + j])
+            _, st = keep_positive(strided[j], labels[start + j])
+            write_cam(out / f"{start + j}.npz",
+                      CamRecord(keys, st.cpu().numpy().astype(store), hr.cpu().numpy().astype(store), "bench"))
+
+
+def _timed(fn, *args) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run(cfg: Config, args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = args.steps or 4
+    size = (375, 500)
+    scales = list(cfg.infer.scales)
+    mcfg = copy.deepcopy(cfg.model)
+    mcfg.pretrained, mcfg.grad_checkpointing = "none", False
+    images, labels = _images(n, size), _labels(n, mcfg.num_classes)
+
+    torch.manual_seed(0)
+    base = build_model(mcfg).eval().to(device).to(memory_format=torch.contiguous_format)
+    fast = copy.deepcopy(base)
+    folded = fold_frozen_bn(fast) if mcfg.norm == "frozen" else 0
+    fast = fast.to(memory_format=torch.channels_last)
+    autocast = _autocast(cfg.infer.mixed_precision, device)
+    store = np.float16 if cfg.infer.dtype == "float16" else np.float32
+
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        a.mkdir(), b.mkdir()
+        straightforward(base, images[:1], labels[:1], scales, a, device)  # warm-up
+        ours(fast, images[:1], labels[:1], scales, b, device, cfg.infer.batch_size, autocast, store)
+        t_base = _timed(straightforward, base, images, labels, scales, a, device)
+        t_ours = _timed(ours, fast, images, labels, scales, b, device, cfg.infer.batch_size, autocast, store)
+        # the two paths must agree on what they compute (up to mixed precision and fp16 storage)
+        ref = np.load(a / "0.npy", allow_pickle=True).item()["high_res"]
+        with np.load(b / "0.npz") as z:
+            diff = float(np.abs(z["high_res"].astype(np.float32) - ref).max())
+
+    figures = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(), "backbone": mcfg.backbone, "norm": mcfg.norm,
+        "bn_folded": folded, "image_size": list(size), "images": n, "scales": scales,
+        "batch_size": cfg.infer.batch_size, "mixed_precision": cfg.infer.mixed_precision,
+        "straightforward_img_s": round(n / t_base, 3), "vwe_img_s": round(n / t_ours, 3),
+        "speedup": round(t_base / t_ours, 2), "max_abs_diff_high_res": round(diff, 4),
+    }
+    print(f"inference ({mcfg.backbone}, {n} images {size[1]}x{size[0]}, scales {scales}, + flips, {device}):")
+    print(f"  straightforward (fp32 NCHW, whole network, per image, pickle): {figures['straightforward_img_s']:.3f} img/s")
+    print(f"  vwe (CAM path, batch {cfg.infer.batch_size}, folded BN {folded}, channels_last, "
+          f"{cfg.infer.mixed_precision}): {figures['vwe_img_s']:.3f} img/s  -> {figures['speedup']:.2f}x")
+    print(f"  max |high_res difference| between the two: {diff:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
