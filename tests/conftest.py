@@ -67,3 +67,20 @@ def launch_cmd(processes: int, *vwe_args: str, launch_config: str = "launch/cpu.
         return [sys.executable, "-m", "vwe", *vwe_args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / launch_config),
             "--num_processes", str(processes), "-m", "vwe", *vwe_args]
+
+
+def kill_tree(pid: int, sig: int = 9) -> None:
+    """Send `sig` to a process and every descendant (torchrun starts its workers in new sessions, so a
+    process-group kill would miss them)."""
+    import psutil
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)

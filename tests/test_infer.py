@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, launch_cmd, run_vwe
+from conftest import REPO, TINY, kill_tree, launch_cmd, run_vwe
 from vwe.cam_io import read_cam
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -73,7 +73,7 @@ def test_restart_after_kill_writes_only_missing(synthetic_shards, trained, tmp_p
     while len(list(out.glob("*.npz"))) < 3:
         assert proc.poll() is None and time.time() < end, proc.communicate()
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid, signal.SIGKILL)
     proc.communicate()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz")}
     assert 3 <= len(before) < 48

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, launch_cmd, run_vwe
+from conftest import REPO, TINY, kill_tree, launch_cmd, run_vwe
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -92,7 +92,7 @@ def test_exact_resume_after_sigkill(synthetic_shards, tmp_path, processes):
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     wait_for((run / "checkpoints", "step-000002"), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     killed_at = max(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
