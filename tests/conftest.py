@@ -83,4 +83,5 @@ def kill_tree(pid: int, sig: int = 9) -> None:
             p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=30)
+    # the root is the caller's child: leave reaping it to the caller's Popen (psutil would take its status)
+    psutil.wait_procs(procs[1:], timeout=30)
