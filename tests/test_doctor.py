@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import run_vwe
 
+HOLDING = re.compile(r"vwe doctor: rank=\d+ holding for up to")
 RANK_LINE = re.compile(r"vwe doctor: rank=(\d+) local_rank=(\d+) world=(\d+) .* backend=(\S+)")
 
 
@@ -71,7 +72,7 @@ def test_launch_sh_preemption_exit_code(repo, tmp_path):
                                  "--hold", "120"], env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 150
-        while log.read_text().count("holding for up to") < 2:
+        while len(HOLDING.findall(log.read_text())) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.3)
         proc.send_signal(signal.SIGUSR1)

@@ -12,6 +12,7 @@ from tests.slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
+HOLDING = r"vwe doctor: rank=\d+ holding for up to"
 RANK_LINE = re.compile(r"vwe doctor: rank=(\d+) local_rank=(\d+) world=(\d+) .*?node_id=(\S+)")
 
 
@@ -21,17 +22,18 @@ def cpu_env(tmp_path: Path, procs: int) -> dict:
             "VWE_LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
 
 
-def wait_for_text(path: Path, text: str, count: int, timeout: float, cluster, job: int) -> str:
+def wait_for_text(path: Path, pattern: str, count: int, timeout: float, cluster, job: int) -> str:
+    """Wait until the job log has `count` matches of the regex `pattern`; return the log."""
     deadline = time.monotonic() + timeout
     content = ""
     while time.monotonic() < deadline:
         content = path.read_text(errors="replace") if path.exists() else ""
-        if content.count(text) >= count:
+        if len(re.findall(pattern, content)) >= count:
             return content
         if cluster.job(job).get("JobState") in ("FAILED", "CANCELLED", "COMPLETED", "TIMEOUT"):
             break
         time.sleep(0.3)
-    raise AssertionError(f"{path}: expected {count} x {text!r} within {timeout:g} s; job "
+    raise AssertionError(f"{path}: expected {count} x {pattern!r} within {timeout:g} s; job "
                          f"{cluster.job(job)}\n--- log\n{content}")
 
 
@@ -76,10 +78,10 @@ def test_usr1_checkpoint_exit_75_requeues(slurm_cluster, repo, tmp_path):
                                options=["-N", "2", f"--output={tmp_path}/%x-%j.out"],
                                env=cpu_env(tmp_path, 1), cwd=tmp_path)
     out = tmp_path / f"vwe-doctor-{job}.out"
-    wait_for_text(out, "holding for up to", 2, 150, slurm_cluster, job)
+    wait_for_text(out, HOLDING, 2, 150, slurm_cluster, job)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
     slurm_cluster.wait_for(job, lambda i: i.get("Restarts") == "1", 120, "the requeue")
-    log = wait_for_text(out, "holding for up to", 4, 150, slurm_cluster, job)
+    log = wait_for_text(out, HOLDING, 4, 150, slurm_cluster, job)
     first, second = log.split("(restart 1)")
     for rank in (0, 1):
         assert f"vwe doctor: rank={rank} got SIGUSR1: exiting with the preemption code 75" in first

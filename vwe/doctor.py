@@ -20,6 +20,13 @@ from vwe.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
 TIMEOUT_EXIT_CODE = 3
 
 
+def _say(msg: str, err: bool = False) -> None:
+    """One write per line, so lines of ranks sharing a pipe do not interleave."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(msg + "\n")
+    stream.flush()
+
+
 def _use_cpu() -> bool:
     forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return forced or not torch.cuda.is_available()
@@ -29,10 +36,10 @@ def _watchdog(timeout_s: float, what: list[str]) -> threading.Timer:
     """Exit the whole process if the check has not finished in time (a rank that never joins)."""
     def fire() -> None:
         rank = os.environ.get("RANK", "?")
-        print(f"vwe doctor: error: rank {rank} timed out after {timeout_s:g} s while {what[0]} "
+        _say(f"vwe doctor: error: rank {rank} timed out after {timeout_s:g} s while {what[0]} "
               f"(WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')}, MASTER_ADDR={os.environ.get('MASTER_ADDR', '?')}, "
               f"MASTER_PORT={os.environ.get('MASTER_PORT', '?')}); check that every node started and can "
-              f"reach the head node", file=sys.stderr, flush=True)
+              f"reach the head node", err=True)
         os._exit(TIMEOUT_EXIT_CODE)
     timer = threading.Timer(timeout_s, fire)
     timer.daemon = True
@@ -48,15 +55,15 @@ def rank_line(info: dict) -> str:
 def _hold(seconds: float, rank: int) -> int:
     """Keep the ranks alive; a preemption signal makes every rank exit with PREEMPT_EXIT_CODE."""
     flag = PreemptionFlag().install()
-    print(f"vwe doctor: rank={rank} holding for up to {seconds:g} s (SIGUSR1/SIGTERM -> exit "
-          f"{PREEMPT_EXIT_CODE})", flush=True)
+    _say(f"vwe doctor: rank={rank} holding for up to {seconds:g} s (SIGUSR1/SIGTERM -> exit "
+          f"{PREEMPT_EXIT_CODE})")
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not flag.requested:
         time.sleep(0.2)
     flag.restore()
     if flag.requested:
-        print(f"vwe doctor: rank={rank} got {flag.signal.name}: exiting with the preemption code "
-              f"{PREEMPT_EXIT_CODE}", flush=True)
+        _say(f"vwe doctor: rank={rank} got {flag.signal.name}: exiting with the preemption code "
+              f"{PREEMPT_EXIT_CODE}")
         return PREEMPT_EXIT_CODE
     return 0
 
@@ -75,9 +82,8 @@ def doctor(timeout_s: float, hold_s: float = 0.0) -> int:
         rank, world = state.process_index, state.num_processes
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != env_world:
-            print(f"vwe doctor: error: rank {rank} joined a group of {world} process(es) but the launcher "
-                  f"set WORLD_SIZE={env_world} (on CPU the launch config needs use_cpu: true)",
-                  file=sys.stderr, flush=True)
+            _say(f"vwe doctor: error: rank {rank} joined a group of {world} process(es) but the launcher "
+                  f"set WORLD_SIZE={env_world} (on CPU the launch config needs use_cpu: true)", err=True)
             return 1
         backend = state.backend or "none"
         device = state.device
@@ -87,7 +93,7 @@ def doctor(timeout_s: float, hold_s: float = 0.0) -> int:
             "node_id": os.environ.get("SLURM_NODEID", "-"), "backend": backend, "device": str(device),
             "pid": os.getpid(),
         }
-        print(rank_line(info), flush=True)
+        _say(rank_line(info))
 
         stage[0] = "all-reducing"
         t = torch.tensor([1.0, float(rank)], device=device)
@@ -99,14 +105,12 @@ def doctor(timeout_s: float, hold_s: float = 0.0) -> int:
             gathered = [info]
         expected = [float(world), world * (world - 1) / 2]
         if t.tolist() != expected:
-            print(f"vwe doctor: error: rank {rank}: all-reduce gave {t.tolist()}, expected {expected}",
-                  file=sys.stderr, flush=True)
+            _say(f"vwe doctor: error: rank {rank}: all-reduce gave {t.tolist()}, expected {expected}", err=True)
             return 1
         if rank == 0:
             hosts = sorted({(g["host"], g["slurm_node"]) for g in gathered})
             nodes = ", ".join(f"{h}" if n == "-" else f"{n}({h})" for h, n in hosts)
-            print(f"vwe doctor: world {world} ok: backend {backend}, {len(hosts)} node(s): {nodes}",
-                  flush=True)
+            _say(f"vwe doctor: world {world} ok: backend {backend}, {len(hosts)} node(s): {nodes}")
         stage[0] = "finishing"
         timer.cancel()
         code = _hold(hold_s, rank) if hold_s > 0 else 0
