@@ -47,6 +47,14 @@ def test_overrides_parse_yaml_scalars(tmp_path):
     assert parse_override("a.b=3") == ("a.b", 3)
 
 
+def test_scientific_notation_without_dot(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; a float field still takes it
+    cfg = load_config(write(tmp_path, "train:\n  weight_decay: 1e-4\n"), ["train.lr=2E-3"])
+    assert cfg.train.weight_decay == 1e-4 and cfg.train.lr == 2e-3
+    with pytest.raises(ConfigError, match="'train.epochs' must be an integer"):
+        load_config(write(tmp_path, "train:\n  epochs: 1e2\n"))
+
+
 def test_int_promotes_to_float_but_not_bool(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  lr: 1\n"))
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)

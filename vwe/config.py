@@ -125,6 +125,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -163,6 +164,8 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
             raise ConfigError(f"{src}: '{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCI.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{src}: '{key}' must be a number, got {value!r}")
         return float(value)
