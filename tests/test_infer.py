@@ -88,7 +88,7 @@ def test_restart_after_kill_writes_only_missing(synthetic_shards, trained, tmp_p
 def test_legacy_export_and_float16_storage(synthetic_shards, trained, tmp_path):
     legacy = tmp_path / "legacy"
     run_vwe("infer", *args(synthetic_shards, trained, f"infer.out_dir={tmp_path / 'cams'}",
-                           f"infer.legacy_dir={legacy}"))
+                           f"infer.legacy_dir={legacy}", "infer.dtype=float16"))
     rec = read_cam(next((tmp_path / "cams").glob("*.npz")))
     assert rec.high_res.dtype == np.float16
     files = sorted(legacy.glob("*.npy"))
