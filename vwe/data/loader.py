@@ -129,7 +129,7 @@ class _TrainStream(IterableDataset):
 
     def _decode(self, j: int, samples: list[RawSample], skipped: int, crop: int, skip_mode: bool) -> dict:
         b = len(samples)
-        image = torch.empty((b, 3, crop, crop), dtype=torch.uint8)
+        image = _batch_tensor((b, 3, crop, crop))
         ok = [False] * b
         for i, raw in enumerate(samples):
             try:
@@ -157,6 +157,15 @@ class _TrainStream(IterableDataset):
                     keys[i], labels[i] = keys[g], labels[g]
         return {"image": image, "labels": torch.stack([_labels_vec(l) for l in labels]), "key": keys,
                 "skipped": skipped}
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor; inside a loader worker it is made in shared memory, so handing it to the main
+    process costs no copy (as DataLoader's own collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def _run(dataset: IterableDataset, num_workers: int) -> Iterator[Any]:
