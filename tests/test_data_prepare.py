@@ -145,7 +145,9 @@ def test_reader_accepts_tars_from_other_writers(tmp_path, fmt):
     key = "k" * 120                                   # longer than ustar's 100-byte name field
     path = tmp_path / "x.tar"
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT if fmt == "pax" else tarfile.GNU_FORMAT) as tf:
-        tf.addfile(tarfile.TarInfo("dir"))
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
         for ext, data in [("jpg", b"\xff\xd8jpegdata"), ("labels.json", b"[1, 2]")]:
             ti = tarfile.TarInfo(f"dir/{key}.{ext}")
             ti.size = len(data)
