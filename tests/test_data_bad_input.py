@@ -191,3 +191,10 @@ def test_prepare_rejects_bad_masks(source, tmp_path):
     with pytest.raises(DataError, match=f"{key}.xml: unknown class name"):
         prepare(src, None, tmp_path / "o4")
     assert not (tmp_path / "o4" / "train.json").exists()
+
+
+def test_skip_mode_stops_when_nothing_is_usable(source, tmp_path):
+    samples = [{"key": s["key"], "parts": {"jpg": s["parts"]["jpg"]}} for s in source[1]]  # no labels anywhere
+    root = _split(tmp_path, samples)
+    with pytest.raises(DataError, match="no usable sample"):
+        _train(root, "data.on_corrupt=skip")

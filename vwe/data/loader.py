@@ -109,8 +109,11 @@ class _TrainStream(IterableDataset):
     def _batches(self, wid: int, nw: int) -> Iterator[dict]:
         skip_mode = self.d.on_corrupt == "skip"
         stream = self._raw()
+        bad_run, n_samples = 0, self.index.num_samples
         crop = self.d.crop_size
-        for j in range(self.total):
+        first = self.start + wid
+        last = first + (self.total - 1 - first) // nw * nw if first < self.total else -1
+        for j in range(last + 1):
             mine = j >= self.start and (j - self.start) % nw == wid
             samples, skipped = [], 0
             while len(samples) < self.batch:
@@ -118,10 +121,15 @@ class _TrainStream(IterableDataset):
                 if raw.error is not None:
                     if not skip_mode:
                         raise DataError(raw.error)
+                    bad_run += 1
+                    if bad_run > n_samples:
+                        raise DataError(f"split '{self.index.split}': no usable sample in {n_samples} "
+                                        f"consecutive samples (last: {raw.error})")
                     if mine:
                         skipped += 1
                         log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", raw.error)
                     continue
+                bad_run = 0
                 samples.append(raw)
             if not mine:
                 continue
