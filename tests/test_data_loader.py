@@ -170,3 +170,11 @@ def test_inference_sample_content(shards):
             assert torch.equal(x[1], x[0].flip(-1))
         assert torch.equal(s["scales"][0][0], s["image"])
         assert s["labels"].shape == (20,) and s["labels"].sum() >= 1
+
+
+def test_inference_with_more_ranks_than_samples(split_variants):
+    root = split_variants[2]
+    cfg = demo_cfg(root, "infer.num_workers=2", "data.worker_kind=thread")
+    per_rank = [[s["key"] for s in infer_samples(cfg, r, 30, split="train", with_scales=False)] for r in range(30)]
+    assert sorted(k for keys in per_rank for k in keys) == sorted(load_index(root, "train").keys)
+    assert sum(1 for keys in per_rank if not keys) == 6
