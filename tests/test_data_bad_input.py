@@ -70,6 +70,11 @@ def test_corrupt_jpeg(source, tmp_path, how):
     samples, key = _mutated(source, 3, jpg=bad)
     root = _split(tmp_path, samples)
     _both_fail(root, SHARD, repr(key), "JPEG")
+    for kind in ("process", "thread"):
+        with pytest.raises(DataError, match=f"{SHARD}, sample '{key}': cannot decode JPEG"):
+            _train(root, "data.num_workers=2", f"data.worker_kind={kind}")
+        with pytest.raises(DataError, match=f"{SHARD}, sample '{key}': cannot decode JPEG"):
+            _infer(root, "infer.num_workers=2", f"data.worker_kind={kind}")
 
 
 def test_corrupt_jpeg_skipped_counted_and_logged(source, tmp_path, caplog):
@@ -85,6 +90,12 @@ def test_corrupt_jpeg_skipped_counted_and_logged(source, tmp_path, caplog):
         got = _infer(root, "data.on_corrupt=skip")
     assert [s["key"] for s in got] == [s["key"] for s in samples if s["key"] != key]
     assert sum(s["skipped"] for s in got) == 1
+    got = _infer(root, "data.on_corrupt=skip", "infer.num_workers=2", "data.worker_kind=thread")
+    assert [s["key"] for s in got] == [s["key"] for s in samples if s["key"] != key]
+    assert sum(s["skipped"] for s in got) == 1
+    threaded = _train(root, "data.on_corrupt=skip", "data.num_workers=2", "data.worker_kind=thread")
+    assert threaded[0]["skipped"] == 1 and threaded[0]["key"] == batches[0]["key"]
+    assert (threaded[0]["image"] == batches[0]["image"]).all()
     assert any(key in r.getMessage() for r in caplog.records)
 
 
@@ -191,3 +202,10 @@ def test_prepare_rejects_bad_masks(source, tmp_path):
     with pytest.raises(DataError, match=f"{key}.xml: unknown class name"):
         prepare(src, None, tmp_path / "o4")
     assert not (tmp_path / "o4" / "train.json").exists()
+
+
+def test_skip_mode_stops_when_nothing_is_usable(source, tmp_path):
+    samples = [{"key": s["key"], "parts": {"jpg": s["parts"]["jpg"]}} for s in source[1]]  # no labels anywhere
+    root = _split(tmp_path, samples)
+    with pytest.raises(DataError, match="no usable sample"):
+        _train(root, "data.on_corrupt=skip")

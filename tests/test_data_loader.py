@@ -70,8 +70,12 @@ def test_batches_do_not_depend_on_worker_count(shards):
     base = demo_cfg(shards, "train.batch_size=4", "data.train_split=train")
     two = demo_cfg(shards, "train.batch_size=4", "data.train_split=train", "data.num_workers=2")
     three = demo_cfg(shards, "train.batch_size=4", "data.train_split=train", "data.num_workers=3")
+    threads = demo_cfg(shards, "train.batch_size=4", "data.train_split=train", "data.num_workers=3",
+                       "data.worker_kind=thread")
     ref = _all(base, 1, 2, epoch=1)
     assert _same(ref, _all(two, 1, 2, epoch=1)) and _same(ref, _all(three, 1, 2, epoch=1))
+    assert _same(ref, _all(threads, 1, 2, epoch=1))
+    assert _same(ref[5:], _all(threads, 1, 2, epoch=1, start=5))
 
 
 def test_augmentation_of_a_key_is_independent_of_layout(shards):
@@ -143,10 +147,10 @@ def split_variants(shards, tmp_path_factory):
 def test_inference_covers_every_sample_exactly_once(split_variants, n_shards):
     root = split_variants[n_shards]
     expected = sorted(load_index(root, "train").keys)
-    for world in (1, 2, 3):
-        cfg = demo_cfg(root, "infer.num_workers=2")
+    for world, kind in [(1, "process"), (2, "process"), (3, "process"), (3, "thread")]:
+        cfg = demo_cfg(root, "infer.num_workers=2", f"data.worker_kind={kind}")
         keys = [s["key"] for r in range(world) for s in infer_samples(cfg, r, world, split="train", with_scales=False)]
-        assert sorted(keys) == expected and len(keys) == len(set(keys)) == 24, (n_shards, world)
+        assert sorted(keys) == expected and len(keys) == len(set(keys)) == 24, (n_shards, world, kind)
 
 
 def test_inference_sample_content(shards):
@@ -166,3 +170,11 @@ def test_inference_sample_content(shards):
             assert torch.equal(x[1], x[0].flip(-1))
         assert torch.equal(s["scales"][0][0], s["image"])
         assert s["labels"].shape == (20,) and s["labels"].sum() >= 1
+
+
+def test_inference_with_more_ranks_than_samples(split_variants):
+    root = split_variants[2]
+    cfg = demo_cfg(root, "infer.num_workers=2", "data.worker_kind=thread")
+    per_rank = [[s["key"] for s in infer_samples(cfg, r, 30, split="train", with_scales=False)] for r in range(30)]
+    assert sorted(k for keys in per_rank for k in keys) == sorted(load_index(root, "train").keys)
+    assert sum(1 for keys in per_rank if not keys) == 6

@@ -135,3 +135,22 @@ def test_prepare_errors_name_the_file(tmp_path, data):
         prepare(src, tmp_path / "nosbd", tmp_path / "o")
     proc = run_vwe("prepare", "--voc", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu"])
+def test_reader_accepts_tars_from_other_writers(tmp_path, fmt):
+    """Shards repacked by other tools (pax or GNU headers, long names, folders) read the same."""
+    import io
+    import tarfile
+    key = "k" * 120                                   # longer than ustar's 100-byte name field
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT if fmt == "pax" else tarfile.GNU_FORMAT) as tf:
+        d = tarfile.TarInfo("dir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for ext, data in [("jpg", b"\xff\xd8jpegdata"), ("labels.json", b"[1, 2]")]:
+            ti = tarfile.TarInfo(f"dir/{key}.{ext}")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    (raw,) = list(iter_shard(path, 1))
+    assert raw.key == key and raw.jpg == b"\xff\xd8jpegdata" and raw.labels == [1, 2] and raw.error is None

@@ -37,7 +37,9 @@ class DataConfig:
     crop_size: int = _opt(512, min=16, doc="square random crop (zero padded)")
     long_side: list[int] = _opt([320, 640], doc="resize so the long side is uniform in [lo, hi]")
     flip: bool = _opt(True, doc="random horizontal flip")
-    num_workers: int = _opt(2, min=0, doc="loader worker processes per rank")
+    num_workers: int = _opt(2, min=0, doc="loader workers per rank (training; inference uses infer.num_workers)")
+    worker_kind: str = _opt("process", choices=("process", "thread"),
+                            doc="loader workers as DataLoader processes or as threads of the rank's process")
     shuffle_buffer: int = _opt(1000, min=0, doc="samples held for shuffling in the training stream")
     on_corrupt: str = _opt("error", choices=("error", "skip"), doc="corrupt sample: stop, or count and skip")
     verify_shards: bool = _opt(True, doc="check each shard's SHA-256 against its index before use")

@@ -13,6 +13,8 @@ worker: every sample exactly once over all ranks, for any world size and shard c
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
@@ -107,10 +109,17 @@ class _TrainStream(IterableDataset):
             yield {_ERROR: str(e)}
 
     def _batches(self, wid: int, nw: int) -> Iterator[dict]:
+        for j, samples, skipped in self.plan(wid, nw):
+            yield self.decode(j, samples, skipped)
+
+    def plan(self, wid: int, nw: int) -> Iterator[tuple[int, list[RawSample], int]]:
+        """(j, raw samples, skipped) for the micro-batches j this worker makes (no decoding)."""
         skip_mode = self.d.on_corrupt == "skip"
         stream = self._raw()
-        crop = self.d.crop_size
-        for j in range(self.total):
+        bad_run, n_samples = 0, self.index.num_samples
+        first = self.start + wid
+        last = first + (self.total - 1 - first) // nw * nw if first < self.total else -1
+        for j in range(last + 1):
             mine = j >= self.start and (j - self.start) % nw == wid
             samples, skipped = [], 0
             while len(samples) < self.batch:
@@ -118,18 +127,26 @@ class _TrainStream(IterableDataset):
                 if raw.error is not None:
                     if not skip_mode:
                         raise DataError(raw.error)
+                    bad_run += 1
+                    if bad_run > n_samples:
+                        raise DataError(f"split '{self.index.split}': no usable sample in {n_samples} "
+                                        f"consecutive samples (last: {raw.error})")
                     if mine:
                         skipped += 1
                         log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", raw.error)
                     continue
+                bad_run = 0
                 samples.append(raw)
             if not mine:
                 continue
-            yield self._decode(j, samples, skipped, crop, skip_mode)
+            yield j, samples, skipped
 
-    def _decode(self, j: int, samples: list[RawSample], skipped: int, crop: int, skip_mode: bool) -> dict:
+    def decode(self, j: int, samples: list[RawSample], skipped: int) -> dict:
+        """Micro-batch j from its raw samples (a corrupt one is refilled from the batch in skip mode)."""
+        skip_mode = self.d.on_corrupt == "skip"
+        crop = self.d.crop_size
         b = len(samples)
-        image = torch.empty((b, 3, crop, crop), dtype=torch.uint8)
+        image = _batch_tensor((b, 3, crop, crop))
         ok = [False] * b
         for i, raw in enumerate(samples):
             try:
@@ -159,8 +176,39 @@ class _TrainStream(IterableDataset):
                 "skipped": skipped}
 
 
-def _run(dataset: IterableDataset, num_workers: int) -> Iterator[Any]:
-    """Iterate in this process (0 workers) or through a DataLoader; worker errors re-raise as DataError."""
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor; inside a loader worker it is made in shared memory, so handing it to the main
+    process costs no copy (as DataLoader's own collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def _threaded(tasks: Iterator[Any], fn, num_threads: int) -> Iterator[Any]:
+    """fn(*task) for each task on a thread pool, results in task order, at most 2 x threads in flight.
+    JPEG decoding (Pillow) and torch's resize release the GIL, so threads use several cores without
+    the shared-memory transfer and per-epoch start-up of worker processes."""
+    pending: deque = deque()
+    with ThreadPoolExecutor(num_threads, thread_name_prefix="vwe-data") as pool:
+        try:
+            for task in tasks:
+                pending.append(pool.submit(fn, *task))
+                if len(pending) >= 2 * num_threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _run(dataset: IterableDataset, num_workers: int, kind: str = "process") -> Iterator[Any]:
+    """Iterate in this process (0 workers), on threads, or through a DataLoader's worker processes;
+    worker errors re-raise as DataError."""
+    if num_workers > 0 and kind == "thread":
+        yield from _threaded(dataset.plan(0, 1), dataset.decode, num_workers)
+        return
     if num_workers == 0:
         it: Any = iter(dataset)
     else:
@@ -194,7 +242,7 @@ def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0) 
     ds = _TrainStream(cfg, idx, rank, world, epoch, start_batch, total, b)
     workers = min(cfg.data.num_workers, total - start_batch)
     skipped = 0
-    for batch in _run(ds, workers):
+    for batch in _run(ds, workers, cfg.data.worker_kind):
         skipped += batch["skipped"]
         yield batch
     if skipped:
@@ -211,34 +259,36 @@ class _InferStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        n = self.hi - self.lo
-        lo, hi = self.lo + wid * n // nw, self.lo + (wid + 1) * n // nw
         try:
-            yield from self._samples(lo, hi)
+            yield from _count_skips(self.decode(*task) for task in self.plan(wid, nw))
         except DataError as e:
             yield {_ERROR: str(e)}
 
-    def _samples(self, lo: int, hi: int) -> Iterator[dict]:
-        pos, skipped = 0, 0
+    def plan(self, wid: int, nw: int) -> Iterator[tuple[RawSample]]:
+        """The raw samples of this worker's share of [lo, hi), in index order."""
+        n = self.hi - self.lo
+        lo, hi = self.lo + wid * n // nw, self.lo + (wid + 1) * n // nw
+        pos = 0
         for shard in self.index.shards:
             if pos + shard.count <= lo or pos >= hi:
                 pos += shard.count
                 continue
             for raw in iter_shard(self.index.path(shard), shard.count):
                 if lo <= pos < hi:
-                    try:
-                        if raw.error is not None:
-                            raise DataError(raw.error)
-                        yield {**self._decode(raw), "skipped": skipped}
-                        skipped = 0
-                    except DataError as e:
-                        if not self.skip_mode:
-                            raise
-                        skipped += 1
-                        log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", e)
+                    yield (raw,)
                 pos += 1
-        if skipped:
-            log.warning("%d corrupt samples skipped at the end of this loader's range", skipped)
+
+    def decode(self, raw: RawSample) -> dict | None:
+        """The sample's tensors; None when it is corrupt and data.on_corrupt is skip (logged)."""
+        try:
+            if raw.error is not None:
+                raise DataError(raw.error)
+            return self._decode(raw)
+        except DataError as e:
+            if not self.skip_mode:
+                raise
+            log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", e)
+            return None
 
     def _decode(self, raw: RawSample) -> dict:
         where = f"shard {raw.shard}, sample {raw.key!r}"
@@ -275,4 +325,21 @@ def infer_samples(cfg, rank: int, world: int, split: str | None = None, with_sca
     idx = _index(cfg, split or cfg.data.infer_split)
     lo, hi = infer_ranges(idx.num_samples, world)[rank]
     ds = _InferStream(cfg, idx, lo, hi, with_scales)
-    yield from _run(ds, min(cfg.infer.num_workers, max(hi - lo, 1)) if hi > lo else 0)
+    workers = min(cfg.infer.num_workers, max(hi - lo, 1)) if hi > lo else 0
+    if workers and cfg.data.worker_kind == "thread":
+        yield from _count_skips(_threaded(ds.plan(0, 1), ds.decode, workers))
+    else:
+        yield from _run(ds, workers)
+
+
+def _count_skips(samples: Iterator[dict | None]) -> Iterator[dict]:
+    """Drop skipped (None) samples, reporting how many went before each kept one in its `skipped`."""
+    skipped = 0
+    for s in samples:
+        if s is None:
+            skipped += 1
+            continue
+        yield {**s, "skipped": skipped}
+        skipped = 0
+    if skipped:
+        log.warning("%d corrupt samples skipped at the end of this loader's range", skipped)

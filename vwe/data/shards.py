@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -63,9 +64,9 @@ class RawSample:
     """One sample as stored; `error` is set (and the rest may be missing) when the sample is bad."""
     shard: str
     key: str
-    jpg: bytes | None = None
+    jpg: bytes | memoryview | None = None
     labels: list[int] = field(default_factory=list)
-    mask: bytes | None = None
+    mask: bytes | memoryview | None = None
     error: str | None = None
 
 
@@ -146,7 +147,7 @@ def verify_shards(index: SplitIndex, shards: list[ShardInfo] | None = None) -> N
 
 def _check_labels(raw: bytes, where: str) -> list[int]:
     try:
-        labels = json.loads(raw)
+        labels = json.loads(bytes(raw))
     except ValueError as e:
         raise DataError(f"{where}: {EXT_LABELS} is not JSON: {e}") from None
     if not isinstance(labels, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in labels):
@@ -172,42 +173,92 @@ def _finish(shard: str, key: str, parts: dict[str, bytes]) -> RawSample:
     return s
 
 
+_ZERO_BLOCK = bytes(512)
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:          # GNU base-256 for large sizes
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_path(data: bytes) -> str | None:
+    for rec in data.decode("utf-8", "replace").split("\n"):
+        _, _, kv = rec.partition(" ")
+        if kv.startswith("path="):
+            return kv[5:]
+    return None
+
+
+def _tar_members(mm, where: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in a tar held in a buffer; a cut or corrupt
+    archive raises DataError. A small ustar/GNU/pax reader: it keeps the data in place (mmap) so loader
+    workers can skip the samples they do not decode without reading them."""
+    off, n, long_name = 0, len(mm), None
+    while True:
+        if off + 512 > n:
+            raise DataError(f"{where}: truncated tar (archive cut inside a header or before its end marker)")
+        hdr = bytes(mm[off:off + 512])
+        if hdr == _ZERO_BLOCK:
+            return
+        stored = _octal(hdr[148:156])
+        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise DataError(f"{where}: corrupt tar header at byte {off} (checksum mismatch)")
+        size, flag = _octal(hdr[124:136]), hdr[156:157]
+        start = off + 512
+        if start + size > n:
+            raise DataError(f"{where}: truncated tar (member at byte {off} needs {size} bytes, "
+                            f"{n - start} left)")
+        off = start + (size + 511) // 512 * 512
+        if flag == b"L":
+            long_name = bytes(mm[start:start + size]).split(b"\0", 1)[0].decode()
+            continue
+        if flag in (b"x", b"g"):
+            if flag == b"x":
+                long_name = _pax_path(bytes(mm[start:start + size])) or long_name
+            continue
+        name = hdr[:100].split(b"\0", 1)[0].decode()
+        if hdr[257:262] == b"ustar" and hdr[345:500].strip(b"\0"):
+            name = hdr[345:500].split(b"\0", 1)[0].decode() + "/" + name
+        if long_name is not None:
+            name, long_name = long_name, None
+        if flag in (b"0", b"\0", b"7"):
+            yield name, start, size
+
+
 def iter_shard(path: Path, expected: int | None = None) -> Iterator[RawSample]:
     """Samples of one shard in stored order. Bad samples come with `error` set (the caller decides);
-    a shard that is missing, empty, truncated or unreadable raises DataError naming it."""
-    name = Path(path).name
-    if not Path(path).is_file():
+    a shard that is missing, empty, truncated or unreadable raises DataError naming it.
+
+    `jpg` and `mask` are zero-copy memoryviews into the memory-mapped shard (they compare equal to
+    bytes; `bytes(...)` copies them)."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
         raise DataError(f"shard {path} is missing")
-    if Path(path).stat().st_size == 0:
+    if path.stat().st_size == 0:
         raise DataError(f"shard {path} is empty (0 bytes)")
+    try:
+        with open(path, "rb") as f:
+            mm = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+    except OSError as e:
+        raise DataError(f"shard {path}: cannot read: {e}") from None
     n = 0
     key, parts = None, {}
     last = None
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                data = tf.extractfile(m).read()
-                if len(data) != m.size:
-                    raise tarfile.ReadError(f"member {m.name} holds {len(data)} of {m.size} bytes")
-                if k != key:
-                    if key is not None:
-                        n += 1
-                        last = key
-                        yield _finish(name, key, parts)
-                    key, parts = k, {}
-                parts[ext] = data
-            end = tf.offset
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"shard {path}: truncated or corrupt tar after sample {last!r} "
-                        f"(in sample {key!r}): {e}") from None
-    if Path(path).stat().st_size < end + 512:
-        # tarfile stops quietly at a cut header or member boundary: no end-of-archive block follows
-        raise DataError(f"shard {path}: truncated tar (no end-of-archive marker) after sample {last!r} "
-                        f"(in sample {key!r})")
+        for member, start, size in _tar_members(mm, f"shard {path}"):
+            k, _, ext = member.rsplit("/", 1)[-1].partition(".")
+            if k != key:
+                if key is not None:
+                    n += 1
+                    last = key
+                    yield _finish(name, key, parts)
+                key, parts = k, {}
+            parts[ext] = mm[start:start + size]
+    except DataError as e:
+        raise DataError(f"{e}; last complete sample {last!r}, cut in sample {key!r}") from None
     if key is not None:
         n += 1
         yield _finish(name, key, parts)
