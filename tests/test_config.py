@@ -139,3 +139,14 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'model.codebok'" in proc.stderr and "did you mean 'model.codebook'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_overrides_before_and_after_options(tmp_path):
+    p = write(tmp_path, "data:\n  root: /nowhere\n")
+    # the data bench fails on the missing shards, after the config (with both overrides) was applied
+    proc = run_vwe("bench", "data", "--config", str(p), "data.root=/first", "--workers", "1", check=False)
+    assert proc.returncode == 2 and "data folder not found: /first" in proc.stderr
+    proc = run_vwe("bench", "data", "--config", str(p), "--workers", "1", "data.root=/second", check=False)
+    assert proc.returncode == 2 and "data folder not found: /second" in proc.stderr
+    proc = run_vwe("synth", "--out", str(tmp_path / "x"), "--bogus", check=False)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
