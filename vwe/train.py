@@ -120,6 +120,11 @@ def train(cfg: Config) -> int:
         save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.model.channels_last:
+        # DeepSpeed broadcasts parameters as byte views, which channels_last weights do not allow
+        accelerator.print("note: model.channels_last is turned off under DeepSpeed")
+        cfg.model.channels_last = False
+
     # model and optimizer: backbone at lr, new layers at lr x head_lr_mult (METHOD.md)
     model = build_model(cfg.model)
     if cfg.model.channels_last:
