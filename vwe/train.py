@@ -116,19 +116,16 @@ def train(cfg: Config) -> int:
     accelerator = make_accelerator(cfg, run_dir)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     micro_batch = per_rank_batch(cfg, world)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-    set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
-
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.model.channels_last:
         # DeepSpeed broadcasts parameters as byte views, which channels_last weights do not allow
         accelerator.print("note: model.channels_last is turned off under DeepSpeed")
         cfg.model.channels_last = False
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+    set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
 
     # model and optimizer: backbone at lr, new layers at lr x head_lr_mult (METHOD.md)
-    model = build_model(cfg.model)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg.model)  # channels_last weights when cfg.model.channels_last
     if cfg.train.compile:
         model = torch.compile(model)
     groups = param_groups(model, cfg.train.lr, cfg.train.head_lr_mult, cfg.train.weight_decay)
