@@ -20,11 +20,12 @@ from tqdm import tqdm
 
 from vwe.cam_io import CamRecord, cam_dir_for, export_legacy, read_cam, write_cam
 from vwe.checkpoint import FINAL_WEIGHTS_NAME, check_compatible, file_sha256, load_weights
-from vwe.config import Config, config_from_dict
+from vwe.config import Config, ModelConfig, config_from_dict
 from vwe.data.loader import infer_samples
 from vwe.data.transforms import normalize
 from vwe.dist import distributed_state, gather_objects
 from vwe.errors import CheckpointError, DataError
+from vwe.model.backbone import fold_frozen_bn
 from vwe.model.net import build_model
 
 
@@ -32,8 +33,9 @@ def weights_path(cfg: Config) -> Path:
     return Path(cfg.infer.checkpoint) if cfg.infer.checkpoint else Path(cfg.output.run_dir) / FINAL_WEIGHTS_NAME
 
 
-def load_cam_model(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The network built from the config stored with the weights, in eval mode; and the weights' hash."""
+def load_cam_model(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, str, ModelConfig]:
+    """The network built from the config stored with the weights, in eval mode, frozen BatchNorm folded
+    into the convolutions; the weights' hash; the model config used."""
     path = weights_path(cfg)
     state_dict, saved = load_weights(path)
     model_cfg = config_from_dict(saved, src=str(path)).model if saved else cfg.model
@@ -45,10 +47,10 @@ def load_cam_model(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, 
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"weights file {path} does not fit the model: {e}") from None
+    if model_cfg.norm == "frozen":
+        fold_frozen_bn(model)  # an affine map after a convolution: one convolution at inference
     model.eval().to(device)
-    if model_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, file_sha256(path)
+    return model, file_sha256(path), model_cfg
 
 
 @torch.no_grad()
@@ -97,7 +99,7 @@ def infer(cfg: Config) -> int:
     """Write CAMs for every image of cfg.data.infer_split, split over all ranks."""
     state = distributed_state()
     device, rank, world = state.device, state.process_index, state.num_processes
-    model, weights_hash = load_cam_model(cfg, device)
+    model, weights_hash, model_cfg = load_cam_model(cfg, device)
     out_dir = cam_dir_for(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:  # manifests of an earlier launch with more processes would mislead
@@ -106,8 +108,7 @@ def infer(cfg: Config) -> int:
                 old.unlink()
     store = np.float16 if cfg.infer.dtype == "float16" else np.float32
     autocast = _autocast(cfg.infer.mixed_precision, device)
-    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last) or \
-        cfg.model.channels_last
+    channels_last = model_cfg.channels_last
     counts = {"written": 0, "already_done": 0, "stale_replaced": 0}
     written: list[str] = []
     pending: dict[tuple[int, int], list[dict]] = defaultdict(list)
