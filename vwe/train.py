@@ -134,6 +134,9 @@ def train(cfg: Config) -> int:
     configure_deepspeed(accelerator, micro_batch, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
+    # DeepSpeed runs bf16/fp16 by casting the weights (no autocast): inputs must match them
+    input_dtype = next(net.parameters()).dtype if accelerator.distributed_type == DistributedType.DEEPSPEED \
+        else torch.float32
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     steps_epoch = steps_per_epoch(cfg)
@@ -168,7 +171,7 @@ def train(cfg: Config) -> int:
     while progress.step < max_steps:
         for batch in _timed(train_batches(cfg, rank, world, progress.epoch, start_batch=progress.micro), window):
             with accelerator.accumulate(model):
-                images = normalize(batch["image"].to(device, non_blocking=True))
+                images = normalize(batch["image"].to(device, non_blocking=True)).to(input_dtype)
                 if cfg.model.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 labels = batch["labels"].to(device, non_blocking=True)
