@@ -66,6 +66,7 @@ class TrainFigures:
     peak_mem_mib: float
     mem_kind: str           # "peak RSS" (whole process, CPU) or "cuda max_memory_allocated"
     model_mem_mib: float    # the same measure after building the model and optimizer, before any step
+                            # (on CPU it includes the ~0.8 GiB RSS of the torch libraries)
 
 
 def _normalize(images: torch.Tensor) -> torch.Tensor:
@@ -161,11 +162,12 @@ def measure_in_subprocess(cfg: Config, variant: str, steps: int, warmup: int) ->
 
 
 def format_table(rows: list[TrainFigures]) -> str:
-    head = f"{'variant':<20} {'img/s':>8} {'step s':>8} {'fwd s':>8} {'bwd s':>8} {'opt s':>8} {'peak MiB':>9} {'model MiB':>9}"
+    head = (f"{'variant':<20} {'img/s':>8} {'step s':>8} {'fwd s':>8} {'bwd s':>8} {'opt s':>8} {'peak MiB':>9} "
+            f"{'model MiB':>9} {'step MiB':>9}")
     lines = [head]
     for r in rows:
         lines.append(f"{r.variant:<20} {r.img_per_s:8.2f} {r.step_s:8.3f} {r.forward_s:8.3f} {r.backward_s:8.3f} "
-                     f"{r.optimizer_s:8.3f} {r.peak_mem_mib:9.0f} {r.model_mem_mib:9.0f}")
+                     f"{r.optimizer_s:8.3f} {r.peak_mem_mib:9.0f} {r.model_mem_mib:9.0f} {step_mem(r):9.0f}")
     return "\n".join(lines)
 
 
@@ -175,7 +177,14 @@ def compare_summary(rows: list[TrainFigures]) -> dict | None:
         return None
     base, other = rows
     return {"peak_mem_change_pct": 100.0 * (other.peak_mem_mib / base.peak_mem_mib - 1.0),
+            "step_mem_change_pct": 100.0 * (step_mem(other) / step_mem(base) - 1.0),
             "step_time_change_pct": 100.0 * (other.step_s / base.step_s - 1.0)}
+
+
+def step_mem(row: TrainFigures) -> float:
+    """Memory the training steps add on top of the built model and the runtime (activations,
+    gradients, optimizer state, temporaries): on CPU the part of peak RSS that is not the libraries."""
+    return row.peak_mem_mib - row.model_mem_mib
 
 
 def with_changes(cfg: Config, changes: dict[str, dict]) -> Config:
@@ -201,6 +210,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     summary = compare_summary(rows)
     if summary:
         print(f"{rows[1].variant} vs {rows[0].variant}: peak memory {summary['peak_mem_change_pct']:+.1f}%, "
+              f"step memory {summary['step_mem_change_pct']:+.1f}%, "
               f"step time {summary['step_time_change_pct']:+.1f}%")
     if args.json:
         Path(args.json).write_text(json.dumps({"variants": [asdict(r) for r in rows], "comparison": summary},
