@@ -46,7 +46,8 @@ class FrozenBatchNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, shift = self.scale_shift()
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+        # one fused op: a single output tensor (x * scale + shift would make a full-size temporary)
+        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -142,19 +143,20 @@ class Backbone(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i, stage in enumerate(self.stages()):
-            for block in stage:
-                x = self._run_block(block, x)
+            x = self._run_stage(stage, x)
             if i == 1 and self.detach_stage2:
                 x = x.detach()
         return x
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        # Whole stages, not single blocks, are the checkpoint segments: a bottleneck block's input is
+        # two thirds of what the block saves for backward, so per-block segments would keep most of it.
         if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
-            return block(x)
-        if not x.requires_grad and not any(p.requires_grad for p in block.parameters()):
-            return block(x)  # nothing of this block is saved for backward anyway
-        return checkpoint(block, x, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _no_running_stat_update(block)))
+            return stage(x)
+        if not x.requires_grad and not any(p.requires_grad for p in stage.parameters()):
+            return stage(x)  # a frozen stage saves nothing for backward anyway
+        return checkpoint(stage, x, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _no_running_stat_update(stage)))
 
 
 # ----------------------------------------------------------------------------------------- weights

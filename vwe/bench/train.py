@@ -1,0 +1,235 @@
+"""`vwe bench train`: throughput, step-time split and peak memory of training steps.
+
+For now it times the model alone: synthetic uint8 images at data.crop_size, batch train.batch_size,
+forward + loss + backward + SGD step, under the configured mixed precision. Every configuration runs
+in a fresh subprocess so that CPU peak RSS figures do not mix (on a GPU, max_memory_allocated).
+`--compare checkpointing` measures model.grad_checkpointing off and on.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vwe.config import Config, load_config, save_config
+from vwe.errors import VweError
+
+# --compare NAME: variants as (label, {section: {field: value}}) applied to the loaded config
+COMPARISONS: dict[str, list[tuple[str, dict[str, dict]]]] = {
+    "checkpointing": [("checkpointing off", {"model": {"grad_checkpointing": False}}),
+                      ("checkpointing on", {"model": {"grad_checkpointing": True}})],
+    "channels_last": [("contiguous", {"model": {"channels_last": False}}),
+                      ("channels_last", {"model": {"channels_last": True}})],
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class StepTimes:
+    """Seconds per timed step, by phase."""
+    forward: list[float] = field(default_factory=list)   # forward + loss
+    backward: list[float] = field(default_factory=list)
+    optimizer: list[float] = field(default_factory=list)  # step + zero_grad
+
+    def mean(self, phase: str) -> float:
+        values = getattr(self, phase)
+        return sum(values) / len(values)
+
+
+@dataclass
+class TrainFigures:
+    """One configuration's figures (what `--json` writes, one per variant)."""
+    variant: str
+    backbone: str
+    device: str
+    batch_size: int
+    crop_size: int
+    mixed_precision: str
+    grad_checkpointing: bool
+    steps: int
+    img_per_s: float
+    step_s: float
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    peak_mem_mib: float
+    mem_kind: str           # "peak RSS" (whole process, CPU) or "cuda max_memory_allocated"
+    model_mem_mib: float    # the same measure after building the model and optimizer, before any step
+                            # (on CPU it includes the ~0.8 GiB RSS of the torch libraries)
+
+
+def _normalize(images: torch.Tensor) -> torch.Tensor:
+    try:
+        from vwe.data.transforms import normalize
+    except ImportError:  # the data package is optional for a model-only benchmark
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+    return normalize(images)
+
+
+def _autocast(device: torch.device, mixed_precision: str):
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigures:
+    """Time `steps` training steps (after `warmup` untimed ones) in this process."""
+    from vwe.model.net import build_model, param_groups
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(device).train()
+    opt = torch.optim.SGD(param_groups(model, cfg.train.lr, cfg.train.head_lr_mult, cfg.train.weight_decay),
+                          lr=cfg.train.lr, momentum=cfg.train.momentum)
+    b, s = cfg.train.batch_size, cfg.data.crop_size
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen).to(device)
+    labels = (torch.rand(b, cfg.model.num_classes, generator=gen) > 0.85).float().to(device)
+    labels[:, 0] = 1.0
+    _sync(device)
+    model_mem = _peak_mib(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    times = StepTimes()
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with _autocast(device, cfg.train.mixed_precision):
+            out = model(_normalize(images))
+            loss = model.losses(out, labels)["loss"]
+        _sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        t3 = time.perf_counter()
+        if not torch.isfinite(loss):
+            print(f"warning: non-finite loss at step {i} (timings still valid)", file=sys.stderr)
+        if i >= warmup:
+            times.forward.append(t1 - t0)
+            times.backward.append(t2 - t1)
+            times.optimizer.append(t3 - t2)
+    step = times.mean("forward") + times.mean("backward") + times.mean("optimizer")
+    return TrainFigures(
+        variant=variant, backbone=cfg.model.backbone, device=str(device), batch_size=b, crop_size=s,
+        mixed_precision=cfg.train.mixed_precision, grad_checkpointing=cfg.model.grad_checkpointing,
+        steps=steps, img_per_s=b / step, step_s=step, forward_s=times.mean("forward"),
+        backward_s=times.mean("backward"), optimizer_s=times.mean("optimizer"),
+        peak_mem_mib=_peak_mib(device),
+        mem_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
+        model_mem_mib=model_mem)
+
+
+def measure_in_subprocess(cfg: Config, variant: str, steps: int, warmup: int) -> TrainFigures:
+    """measure() in a fresh Python process, so its memory peak is its own."""
+    with tempfile.TemporaryDirectory(prefix="vwe-bench-") as tmp:
+        cfg_path, out_path = Path(tmp) / "config.yaml", Path(tmp) / "figures.json"
+        save_config(cfg, cfg_path)
+        cmd = [sys.executable, "-m", "vwe.bench.train", "--config", str(cfg_path), "--variant", variant,
+               "--steps", str(steps), "--warmup", str(warmup), "--out", str(out_path)]
+        proc = subprocess.run(cmd, text=True, capture_output=True)
+        if proc.returncode != 0:
+            raise VweError(f"benchmark of '{variant}' failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return TrainFigures(**json.loads(out_path.read_text()))
+
+
+def format_table(rows: list[TrainFigures]) -> str:
+    head = (f"{'variant':<20} {'img/s':>8} {'step s':>8} {'fwd s':>8} {'bwd s':>8} {'opt s':>8} {'peak MiB':>9} "
+            f"{'model MiB':>9} {'step MiB':>9}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r.variant:<20} {r.img_per_s:8.2f} {r.step_s:8.3f} {r.forward_s:8.3f} {r.backward_s:8.3f} "
+                     f"{r.optimizer_s:8.3f} {r.peak_mem_mib:9.0f} {r.model_mem_mib:9.0f} {step_mem(r):9.0f}")
+    return "\n".join(lines)
+
+
+def compare_summary(rows: list[TrainFigures]) -> dict | None:
+    """Second variant relative to the first: memory saved and step time added, in percent."""
+    if len(rows) != 2:
+        return None
+    base, other = rows
+    return {"peak_mem_change_pct": 100.0 * (other.peak_mem_mib / base.peak_mem_mib - 1.0),
+            "step_mem_change_pct": 100.0 * (step_mem(other) / step_mem(base) - 1.0),
+            "step_time_change_pct": 100.0 * (other.step_s / base.step_s - 1.0)}
+
+
+def step_mem(row: TrainFigures) -> float:
+    """Memory the training steps add on top of the built model and the runtime (activations,
+    gradients, optimizer state, temporaries): on CPU the part of peak RSS that is not the libraries."""
+    return row.peak_mem_mib - row.model_mem_mib
+
+
+def with_changes(cfg: Config, changes: dict[str, dict]) -> Config:
+    """A copy of cfg with {section: {field: value}} replaced."""
+    return dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **fields)
+                                       for sec, fields in changes.items()})
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
+    """Entry point of `vwe bench train`."""
+    steps = args.steps or 5
+    compare = getattr(args, "compare", None)
+    if compare and compare not in COMPARISONS:
+        raise VweError(f"--compare must be one of {', '.join(COMPARISONS)}, got {compare!r}")
+    variants = COMPARISONS[compare] if compare else [("as configured", {})]
+    rows = []
+    for name, changes in variants:
+        vcfg = with_changes(cfg, changes)
+        print(f"measuring '{name}': {vcfg.model.backbone}, batch {vcfg.train.batch_size}, "
+              f"{vcfg.data.crop_size}px, {steps} steps ...", file=sys.stderr, flush=True)
+        rows.append(measure_in_subprocess(vcfg, name, steps, warmup=1))
+    print(format_table(rows))
+    summary = compare_summary(rows)
+    if summary:
+        print(f"{rows[1].variant} vs {rows[0].variant}: peak memory {summary['peak_mem_change_pct']:+.1f}%, "
+              f"step memory {summary['step_mem_change_pct']:+.1f}%, "
+              f"step time {summary['step_time_change_pct']:+.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"variants": [asdict(r) for r in rows], "comparison": summary},
+                                              indent=2))
+    return 0
+
+
+def _child_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="one benchmark configuration (internal to vwe bench train)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    figures = measure(load_config(a.config), a.variant, a.steps, a.warmup)
+    Path(a.out).write_text(json.dumps(asdict(figures)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
