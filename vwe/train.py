@@ -219,7 +219,7 @@ def train(cfg: Config) -> int:
                 bar.close()
                 accelerator.print(f"preempted (signal {preempt.signal}): checkpoint {last_checkpoint} saved at "
                                   f"step {progress.step}; exiting with code {PREEMPT_EXIT_CODE}")
-                accelerator.end_training()
+                _finish_trackers(accelerator)
                 return PREEMPT_EXIT_CODE
             if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
                 last_checkpoint = checkpoint()
@@ -260,7 +260,8 @@ def train(cfg: Config) -> int:
         if progress.skipped:
             print(f"warning: {progress.skipped} corrupt sample(s) were skipped (data.on_corrupt=skip)")
         metrics_file.close()
-    accelerator.end_training()
+    _finish_trackers(accelerator)
+    accelerator.wait_for_everyone()  # the exported weights exist for every rank (vwe pipeline infers next)
     return 0
 
 
@@ -310,6 +311,12 @@ def _timed(batches, window: Window):
             return
         window.wait += time.perf_counter() - t0
         yield batch
+
+
+def _finish_trackers(accelerator: Accelerator) -> None:
+    """Flush TensorBoard; unlike accelerator.end_training(), keep the process group for the next stage."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def _log(accelerator, bar, metrics_file, window: Window, optimizer, progress: Progress, device) -> None:

@@ -64,7 +64,9 @@ class VWENet(nn.Module):
         assignment, histogram, word_labels = encode_words(feats, self.codebook.weight)
         if self.memory_bank and self.training:
             self.codebook.update(feats, assignment.argmax(dim=1))
-        hist_logits = None if self.memory_bank else self.hist_head(histogram).flatten(1)
+        # the histogram is float32 (encode_words); weights cast to bf16/fp16 (DeepSpeed) need their dtype
+        hist_logits = None if self.memory_bank else \
+            self.hist_head(histogram.to(self.hist_head.weight.dtype)).flatten(1)
         word_logits = self.word_head(feats.mean(dim=(2, 3), keepdim=True)).flatten(1)
         return {"logits": logits, "hist_logits": hist_logits, "word_logits": word_logits,
                 "word_labels": word_labels}
