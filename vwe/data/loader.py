@@ -13,6 +13,7 @@ worker: every sample exactly once over all ranks, for any world size and shard c
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,6 +24,7 @@ from vwe.data.shards import RawSample, SplitIndex, iter_shard, load_index, verif
 from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.errors import DataError, VweError
+from vwe.preempt import PREEMPT_SIGNALS
 
 log = logging.getLogger("vwe.data")
 _ERROR = "__vwe_data_error__"
@@ -159,13 +161,22 @@ class _TrainStream(IterableDataset):
                 "skipped": skipped}
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """worker_init_fn: loader workers ignore SIGUSR1/SIGTERM. SLURM and slurm/launch.sh signal every
+    process of the job; only the main process decides when to stop (after its checkpoint), and a worker
+    killed first would make it fail instead. Workers still end with their parent (torch's watchdog)."""
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _run(dataset: IterableDataset, num_workers: int) -> Iterator[Any]:
     """Iterate in this process (0 workers) or through a DataLoader; worker errors re-raise as DataError."""
     if num_workers == 0:
         it: Any = iter(dataset)
     else:
         it = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                             prefetch_factor=2, persistent_workers=False))
+                             prefetch_factor=2, persistent_workers=False,
+                             worker_init_fn=_ignore_preemption_signals))
     try:
         for item in it:
             if _ERROR in item:
