@@ -27,6 +27,7 @@ from vwe.dist import distributed_state, gather_objects
 from vwe.errors import CheckpointError, DataError
 from vwe.model.backbone import fold_frozen_bn
 from vwe.model.net import build_model
+from vwe.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
 
 
 def weights_path(cfg: Config) -> Path:
@@ -96,7 +97,8 @@ def _autocast(mixed_precision: str, device: torch.device):
 
 
 def infer(cfg: Config) -> int:
-    """Write CAMs for every image of cfg.data.infer_split, split over all ranks."""
+    """Write CAMs for every image of cfg.data.infer_split, split over all ranks; returns 0, or
+    PREEMPT_EXIT_CODE after SIGUSR1/SIGTERM (CAMs written so far are kept and skipped on rerun)."""
     state = distributed_state()
     device, rank, world = state.device, state.process_index, state.num_processes
     model, weights_hash, model_cfg = load_cam_model(cfg, device)
@@ -127,8 +129,11 @@ def infer(cfg: Config) -> int:
             written.append(sample["key"])
             counts["written"] += 1
 
+    preempt = PreemptionFlag().install()
     bar = tqdm(desc=f"infer rank {rank}", disable=not state.is_main_process, unit="img", dynamic_ncols=True)
     for sample in infer_samples(cfg, rank, world):
+        if preempt.requested:
+            break
         path = out_dir / f"{sample['key']}.npz"
         if path.exists():
             try:
@@ -148,6 +153,11 @@ def infer(cfg: Config) -> int:
     for size in list(pending):
         flush(size)
     bar.close()
+    if preempt.requested:
+        # no collective here: the other ranks stop on their own signal; a requeued run skips what is done
+        print(f"infer rank {rank}: preempted (signal {preempt.signal}) after writing {counts['written']} CAM(s); "
+              f"exiting with code {PREEMPT_EXIT_CODE}")
+        return PREEMPT_EXIT_CODE
 
     seconds = time.perf_counter() - start
     manifest = {"rank": rank, "world": world, "split": cfg.data.infer_split, "weights": str(weights_path(cfg)),

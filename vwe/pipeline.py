@@ -30,5 +30,7 @@ def run_pipeline(cfg: Config, sweep: bool = True) -> int:
         code = train(cfg)
         if code:
             return code  # preempted: the requeued job resumes here
-    infer(cfg)
+    code = infer(cfg)
+    if code:
+        return code  # preempted during inference: the rerun skips the CAMs already written
     return evaluate(cfg, sweep=sweep)

@@ -13,6 +13,7 @@ worker: every sample exactly once over all ranks, for any world size and shard c
 from __future__ import annotations
 
 import logging
+import signal
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -25,6 +26,7 @@ from vwe.data.shards import RawSample, SplitIndex, iter_shard, load_index, verif
 from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.errors import DataError, VweError
+from vwe.preempt import PREEMPT_SIGNALS
 
 log = logging.getLogger("vwe.data")
 _ERROR = "__vwe_data_error__"
@@ -203,6 +205,14 @@ def _threaded(tasks: Iterator[Any], fn, num_threads: int) -> Iterator[Any]:
                 f.cancel()
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """worker_init_fn: loader workers ignore SIGUSR1/SIGTERM. SLURM and slurm/launch.sh signal every
+    process of the job; only the main process decides when to stop (after its checkpoint), and a worker
+    killed first would make it fail instead. Workers still end with their parent (torch's watchdog)."""
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _run(dataset: IterableDataset, num_workers: int, kind: str = "process") -> Iterator[Any]:
     """Iterate in this process (0 workers), on threads, or through a DataLoader's worker processes;
     worker errors re-raise as DataError."""
@@ -213,7 +223,8 @@ def _run(dataset: IterableDataset, num_workers: int, kind: str = "process") -> I
         it: Any = iter(dataset)
     else:
         it = iter(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                             prefetch_factor=2, persistent_workers=False))
+                             prefetch_factor=2, persistent_workers=False,
+                             worker_init_fn=_ignore_preemption_signals))
     try:
         for item in it:
             if _ERROR in item:
