@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="throughput, memory and MFU figures")
-    p.add_argument("what", choices=["data", "train", "infer"])
+    p.add_argument("what", choices=["data", "train", "infer", "eval"])
     _add_config_args(p)
     p.add_argument("--workers", type=int, default=None, help="loader workers (data bench)")
     p.add_argument("--steps", type=int, default=None, help="timed steps or batches")
