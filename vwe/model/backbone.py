@@ -1,5 +1,5 @@
 """torchvision ResNet backbone: output stride 16, frozen stem, a choice of normalisation, optional
-detach after stage 2, per-block gradient checkpointing, and weights from the local torch cache or a file."""
+detach after stage 2, per-stage gradient checkpointing, and weights from the local torch cache or a file."""
 from __future__ import annotations
 
 import contextlib
