@@ -55,6 +55,13 @@ def test_scientific_notation_without_dot(tmp_path):
         load_config(write(tmp_path, "train:\n  epochs: 1e2\n"))
 
 
+def test_bare_no_for_a_choice_that_is_no(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  mixed_precision: no\n"), ["infer.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no" and cfg.infer.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="'model.backbone' must be a string"):
+        load_config(write(tmp_path, "model:\n  backbone: no\n"))
+
+
 def test_int_promotes_to_float_but_not_bool(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  lr: 1\n"))
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)

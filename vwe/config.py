@@ -217,7 +217,11 @@ def _build(cls: type, data: Any, prefix: str, src: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data[name], f"{key}.", src)
         else:
-            value = _coerce(data[name], tp, key, src)
+            value = data[name]
+            choices = f.metadata.get("choices") or ()
+            if tp is str and isinstance(value, bool) and ("no" if value is False else "yes") in choices:
+                value = "no" if value is False else "yes"  # YAML 1.1 reads a bare no/yes as a boolean
+            value = _coerce(value, tp, key, src)
             _check_range(value, f, key, src)
             kwargs[name] = value
     return cls(**kwargs)
