@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="loader workers (data bench)")
     p.add_argument("--steps", type=int, default=None, help="timed steps or batches")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--compare", default=None, choices=["checkpointing", "channels_last"],
+    p.add_argument("--compare", default=None, choices=["checkpointing", "channels_last", "recipe"],
                    help="(train) measure both settings of this option, each in a fresh process")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -1,9 +1,12 @@
-"""`vwe bench train`: throughput, step-time split and peak memory of training steps.
+"""`vwe bench train`: throughput, step-time split, peak memory and MFU of training steps.
 
-For now it times the model alone: synthetic uint8 images at data.crop_size, batch train.batch_size,
-forward + loss + backward + SGD step, under the configured mixed precision. Every configuration runs
-in a fresh subprocess so that CPU peak RSS figures do not mix (on a GPU, max_memory_allocated).
-`--compare checkpointing` measures model.grad_checkpointing off and on.
+Training steps at data.crop_size, batch train.batch_size: data wait (batches from the configured
+shards through the real training loader when they exist, else synthetic uint8 images: no wait),
+forward + loss, backward, SGD step, under the configured mixed precision. Every configuration runs in a
+fresh subprocess so that CPU peak RSS figures do not mix (on a GPU, max_memory_allocated).
+MFU = model FLOPs per step (counted once with torch.utils.flop_counter) / step time / the device's peak.
+`--compare checkpointing` measures model.grad_checkpointing off and on; `--compare recipe` measures the
+straightforward fp32 loop (the 2021 way: fp32, NCHW, no autocast) against the configuration as given.
 """
 from __future__ import annotations
 
@@ -30,7 +33,14 @@ COMPARISONS: dict[str, list[tuple[str, dict[str, dict]]]] = {
                       ("checkpointing on", {"model": {"grad_checkpointing": True}})],
     "channels_last": [("contiguous", {"model": {"channels_last": False}}),
                       ("channels_last", {"model": {"channels_last": True}})],
+    "recipe": [("straightforward fp32", {"model": {"channels_last": False}, "train": {"mixed_precision": "no"}}),
+               ("vwe", {})],
 }
+# Dense peak TFLOP/s per GPU (NVIDIA data sheets, SXM parts; no sparsity): bf16/fp16 tensor cores, and
+# TF32 for fp32 runs (PyTorch uses TF32 for convolutions by default).
+GPU_PEAK_TFLOPS = {"A100": {"bf16": 312.0, "fp16": 312.0, "no": 156.0},
+                   "H100": {"bf16": 989.0, "fp16": 989.0, "no": 494.0},
+                   "H200": {"bf16": 989.0, "fp16": 989.0, "no": 494.0}}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -67,6 +77,11 @@ class TrainFigures:
     mem_kind: str           # "peak RSS" (whole process, CPU) or "cuda max_memory_allocated"
     model_mem_mib: float    # the same measure after building the model and optimizer, before any step
                             # (on CPU it includes the ~0.8 GiB RSS of the torch libraries)
+    data_wait_s: float = 0.0     # per step; 0 with synthetic input
+    input: str = "synthetic"     # or "shards: <root>"
+    flops_per_step: float = 0.0  # forward + backward, counted by torch.utils.flop_counter
+    peak_tflops: float = 0.0     # the device's peak in this precision (CPU: measured matmul rate)
+    mfu: float = 0.0
 
 
 def _normalize(images: torch.Tensor) -> torch.Tensor:
@@ -107,20 +122,27 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
     opt = torch.optim.SGD(param_groups(model, cfg.train.lr, cfg.train.head_lr_mult, cfg.train.weight_decay),
                           lr=cfg.train.lr, momentum=cfg.train.momentum)
     b, s = cfg.train.batch_size, cfg.data.crop_size
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen).to(device)
-    labels = (torch.rand(b, cfg.model.num_classes, generator=gen) > 0.85).float().to(device)
-    labels[:, 0] = 1.0
+    batches, source = _input(cfg, device, warmup + steps)
+    images, labels = next(batches)
+    flops = count_flops(model, _normalize(images), labels, cfg.train.mixed_precision, device)
+    channels_last = cfg.model.channels_last
     _sync(device)
     model_mem = _peak_mib(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     times = StepTimes()
+    waits: list[float] = []
     for i in range(warmup + steps):
+        tw = time.perf_counter()
+        if i:
+            images, labels = next(batches)
         t0 = time.perf_counter()
+        x = _normalize(images)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.train.mixed_precision):
-            out = model(_normalize(images))
+            out = model(x)
             loss = model.losses(out, labels)["loss"]
         _sync(device)
         t1 = time.perf_counter()
@@ -134,18 +156,77 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
         if not torch.isfinite(loss):
             print(f"warning: non-finite loss at step {i} (timings still valid)", file=sys.stderr)
         if i >= warmup:
+            waits.append(t0 - tw)
             times.forward.append(t1 - t0)
             times.backward.append(t2 - t1)
             times.optimizer.append(t3 - t2)
     step = times.mean("forward") + times.mean("backward") + times.mean("optimizer")
+    wait = sum(waits) / len(waits)
+    peak = peak_tflops(device, cfg.train.mixed_precision)
     return TrainFigures(
         variant=variant, backbone=cfg.model.backbone, device=str(device), batch_size=b, crop_size=s,
         mixed_precision=cfg.train.mixed_precision, grad_checkpointing=cfg.model.grad_checkpointing,
-        steps=steps, img_per_s=b / step, step_s=step, forward_s=times.mean("forward"),
+        steps=steps, img_per_s=b / (step + wait), step_s=step + wait, forward_s=times.mean("forward"),
         backward_s=times.mean("backward"), optimizer_s=times.mean("optimizer"),
         peak_mem_mib=_peak_mib(device),
         mem_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
-        model_mem_mib=model_mem)
+        model_mem_mib=model_mem, data_wait_s=wait, input=source, flops_per_step=flops, peak_tflops=peak,
+        mfu=flops / (step + wait) / (peak * 1e12) if peak else 0.0)
+
+
+def _input(cfg: Config, device: torch.device, n: int):
+    """(images uint8, labels) batches: from the real training loader when the shards exist, else one
+    synthetic batch repeated (no data wait)."""
+    if (Path(cfg.data.root) / f"{cfg.data.train_split}.json").is_file():
+        from vwe.data.loader import train_batches
+
+        def real():
+            epoch = 0
+            while True:
+                for batch in train_batches(cfg, 0, 1, epoch):
+                    yield (batch["image"].to(device, non_blocking=True),
+                           batch["labels"].to(device, non_blocking=True))
+                epoch += 1
+        return real(), f"shards: {cfg.data.root}"
+    b, s = cfg.train.batch_size, cfg.data.crop_size
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen).to(device)
+    labels = (torch.rand(b, cfg.model.num_classes, generator=gen) > 0.85).float().to(device)
+    labels[:, 0] = 1.0
+    return iter(lambda: (images, labels), None), "synthetic"
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, mixed_precision: str,
+                device: torch.device) -> float:
+    """FLOPs of one forward + loss + backward (torch.utils.flop_counter), without an optimizer step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with _autocast(device, mixed_precision):
+            out = model(x)
+            loss = model.losses(out, labels)["loss"]
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, mixed_precision: str) -> float:
+    """The device's peak: data-sheet values for A100/H100/H200, a measured matmul rate on a CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return table[mixed_precision]
+        return 0.0  # unknown GPU: MFU not reported
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def measure_in_subprocess(cfg: Config, variant: str, steps: int, warmup: int) -> TrainFigures:
@@ -162,12 +243,15 @@ def measure_in_subprocess(cfg: Config, variant: str, steps: int, warmup: int) ->
 
 
 def format_table(rows: list[TrainFigures]) -> str:
-    head = (f"{'variant':<20} {'img/s':>8} {'step s':>8} {'fwd s':>8} {'bwd s':>8} {'opt s':>8} {'peak MiB':>9} "
-            f"{'model MiB':>9} {'step MiB':>9}")
+    head = (f"{'variant':<20} {'img/s':>8} {'step s':>8} {'wait s':>7} {'fwd s':>8} {'bwd s':>8} {'opt s':>8} "
+            f"{'peak MiB':>9} {'model MiB':>9} {'step MiB':>9} {'GFLOP':>8} {'MFU':>6}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r.variant:<20} {r.img_per_s:8.2f} {r.step_s:8.3f} {r.forward_s:8.3f} {r.backward_s:8.3f} "
-                     f"{r.optimizer_s:8.3f} {r.peak_mem_mib:9.0f} {r.model_mem_mib:9.0f} {step_mem(r):9.0f}")
+        lines.append(f"{r.variant:<20} {r.img_per_s:8.2f} {r.step_s:8.3f} {r.data_wait_s:7.3f} {r.forward_s:8.3f} "
+                     f"{r.backward_s:8.3f} {r.optimizer_s:8.3f} {r.peak_mem_mib:9.0f} {r.model_mem_mib:9.0f} "
+                     f"{step_mem(r):9.0f} {r.flops_per_step / 1e9:8.1f} {100 * r.mfu:5.1f}%")
+    lines.append(f"input: {rows[0].input}; MFU against {rows[-1].peak_tflops:.2f} TFLOP/s "
+                 f"({'data sheet' if 'cuda' in rows[-1].device else 'measured matmul peak of this CPU'})")
     return "\n".join(lines)
 
 
@@ -176,7 +260,8 @@ def compare_summary(rows: list[TrainFigures]) -> dict | None:
     if len(rows) != 2:
         return None
     base, other = rows
-    return {"peak_mem_change_pct": 100.0 * (other.peak_mem_mib / base.peak_mem_mib - 1.0),
+    return {"speedup": base.step_s / other.step_s,
+            "peak_mem_change_pct": 100.0 * (other.peak_mem_mib / base.peak_mem_mib - 1.0),
             "step_mem_change_pct": 100.0 * (step_mem(other) / step_mem(base) - 1.0),
             "step_time_change_pct": 100.0 * (other.step_s / base.step_s - 1.0)}
 
@@ -211,7 +296,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     if summary:
         print(f"{rows[1].variant} vs {rows[0].variant}: peak memory {summary['peak_mem_change_pct']:+.1f}%, "
               f"step memory {summary['step_mem_change_pct']:+.1f}%, "
-              f"step time {summary['step_time_change_pct']:+.1f}%")
+              f"step time {summary['step_time_change_pct']:+.1f}% ({summary['speedup']:.2f}x img/s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"variants": [asdict(r) for r in rows], "comparison": summary},
                                               indent=2))
