@@ -11,6 +11,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +67,10 @@ def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
     if cfg.train.mixed_precision == "fp16" and not cuda:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (fp16 loss scaling is not supported on CPU); "
                           "use bf16 on CPU")
+    if cfg.train.mixed_precision == "bf16" and not cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("warning: this CPU has no native bf16 (oneDNN reports none): bf16 autocast is emulated and was "
+              "measured >10x slower than fp32 on such a CPU (docs/benchmarks.md); train.mixed_precision=no "
+              "is faster here", file=sys.stderr)
     # Without a GPU the ranks only form a group if Accelerate is told so: cpu=True for plain data
     # parallelism (launch/cpu.yaml), or the gloo backend named for DeepSpeed, which cpu=True would
     # silently switch off. In a single process no backend may be named (there is no group to join).

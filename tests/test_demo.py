@@ -1,0 +1,34 @@
+"""`vwe demo` (the README's first command): synthetic data -> shards -> 2-process train -> infer ->
+evaluate -> pictures, and the CAMs it learns are far better than predicting background everywhere."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_vwe
+
+
+def all_background_miou(confusion: np.ndarray) -> float:
+    """mIoU of predicting background for every pixel, from the ground-truth counts of a confusion matrix."""
+    gt = confusion.sum(axis=1)
+    present = gt > 0
+    iou = np.zeros(len(gt))
+    iou[0] = gt[0] / gt.sum()
+    return float(iou[present].mean())
+
+
+@pytest.mark.multiprocess
+def test_demo_learns_well_above_all_background(tmp_path):
+    proc = run_vwe("demo", "--workdir", str(tmp_path), "--processes", "2", timeout=900)
+    run = tmp_path / "run"
+    report = json.loads((run / "eval" / "report.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["replicas_identical"]
+    baseline = all_background_miou(np.array(report["confusion"]))
+    assert report["miou"] > 0.35 and report["miou"] > 2.5 * baseline, (report["miou"], baseline)
+    assert report["num_images"] == 48 and not report["missing"] and "sweep" in report
+    assert "| bkg | aero |" in proc.stdout and str(run / "eval" / "report.json") in proc.stdout
+    pictures = sorted((run / "eval" / "pictures").glob("*.png"))
+    assert len(pictures) == 3 and all(p.stat().st_size > 1000 for p in pictures)
