@@ -12,7 +12,6 @@ does not restore.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from vwe.data.shards import file_sha256
 from vwe.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -145,11 +145,3 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise CheckpointError(f"weights file {path}: unreadable ({e})") from None
     config = json.loads(meta["vwe_config"]) if "vwe_config" in meta else {}
     return state, config
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -7,6 +7,7 @@ weights; every rank records what it wrote, and from which weights, in a manifest
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -23,6 +24,7 @@ from vwe.checkpoint import FINAL_WEIGHTS_NAME, check_compatible, file_sha256, lo
 from vwe.config import Config, ModelConfig, config_from_dict
 from vwe.data.loader import infer_samples
 from vwe.data.transforms import normalize
+from vwe.device import autocast as device_autocast
 from vwe.dist import distributed_state, gather_objects
 from vwe.errors import CheckpointError, DataError
 from vwe.model.backbone import fold_frozen_bn
@@ -89,13 +91,6 @@ def keep_positive(cam: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, 
     return keys.cpu().numpy().astype(np.int64), kept
 
 
-def _autocast(mixed_precision: str, device: torch.device):
-    if mixed_precision == "no":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def infer(cfg: Config) -> int:
     """Write CAMs for every image of cfg.data.infer_split, split over all ranks; returns 0, or
     PREEMPT_EXIT_CODE after SIGUSR1/SIGTERM (CAMs written so far are kept and skipped on rerun)."""
@@ -109,7 +104,7 @@ def infer(cfg: Config) -> int:
             if int(old.stem[len("manifest-rank"):]) >= world:
                 old.unlink()
     store = np.float16 if cfg.infer.dtype == "float16" else np.float32
-    autocast = _autocast(cfg.infer.mixed_precision, device)
+    autocast = functools.partial(device_autocast, cfg.infer.mixed_precision, device)
     channels_last = model_cfg.channels_last
     counts = {"written": 0, "already_done": 0, "stale_replaced": 0}
     written: list[str] = []

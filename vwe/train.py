@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from vwe.checkpoint import (FINAL_WEIGHTS_NAME, complete_checkpoints, export_wei
 from vwe.config import Config, ConfigError, save_config
 from vwe.data.loader import steps_per_epoch, train_batches
 from vwe.data.transforms import normalize
+from vwe.device import peak_memory_mib
 from vwe.dist import gather_objects
 from vwe.errors import VweError
 from vwe.model.net import build_model, param_groups
@@ -101,12 +101,6 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch: int, cfg: Config)
             raise ConfigError(f"DeepSpeed config sets {key}={ds[key]} but the vwe config implies {ours} "
                               f"(train.batch_size / processes / train.grad_accum)")
     ds["train_batch_size"] = micro_batch * cfg.train.grad_accum * accelerator.num_processes
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -333,7 +327,7 @@ def _log(accelerator, bar, metrics_file, window: Window, optimizer, progress: Pr
     record.update({f"lr/group{i}": g["lr"] for i, g in enumerate(optimizer.param_groups)})
     record["images_per_s"] = round((progress.samples - window.samples_at_start) / elapsed, 2)
     record["data_wait_fraction"] = round(window.wait / elapsed, 4)
-    record["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+    record["peak_memory_mb"] = round(peak_memory_mib(device), 1)
     record["skipped_samples"] = progress.skipped
     accelerator.log(record, step=progress.step)
     if metrics_file is not None:

@@ -9,8 +9,8 @@ channels_last, autocast per `infer.mixed_precision`, resizing on uint8 tensors, 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import json
 import tempfile
 import time
@@ -23,8 +23,9 @@ from PIL import Image
 
 from vwe.cam_io import CamRecord, write_cam
 from vwe.config import Config
-from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_uint8
-from vwe.infer import _autocast, keep_positive, multiscale_cams
+from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_pair
+from vwe.device import autocast as device_autocast
+from vwe.infer import keep_positive, multiscale_cams
 from vwe.model.backbone import fold_frozen_bn
 from vwe.model.net import build_model
 
@@ -72,16 +73,16 @@ def straightforward(model: torch.nn.Module, images: list[np.ndarray], labels: li
 
 
 def ours(model: torch.nn.Module, images: list[np.ndarray], labels: list[torch.Tensor], scales: list[float],
-         out: Path, device: torch.device, batch: int, autocast, store) -> None:
+         out: Path, device: torch.device, batch: int, autocast, store, channels_last: bool) -> None:
     """vwe's inference path on the same images (equal sizes here, so batches are full)."""
     for start in range(0, len(images), batch):
-        group = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images[start:start + batch]]
-        h, w = group[0].shape[1:]
+        group = [Image.fromarray(im) for im in images[start:start + batch]]
+        w, h = group[0].size
         per_scale = []
-        for s in scales:
-            resized = [resize_uint8(g, (round(h * s), round(w * s))) for g in group]
-            per_scale.append(torch.stack(resized + [r.flip(-1) for r in resized]))
-        high, strided = multiscale_cams(model, per_scale, (h, w), device, True, autocast)
+        for s in scales:  # what the inference loader does: uint8 resize, image + flip
+            pairs = [resize_pair(g, s, True) for g in group]
+            per_scale.append(torch.cat([p[0:1] for p in pairs] + [p[1:2] for p in pairs]))
+        high, strided = multiscale_cams(model, per_scale, (h, w), device, channels_last, autocast)
         for j in range(len(group)):
             keys, hr = keep_positive(high[j], labels[start + j])
             _, st = keep_positive(strided[j], labels[start + j])
@@ -112,17 +113,20 @@ def run(cfg: Config, args) -> int:
     base = build_model(mcfg).eval().to(device).to(memory_format=torch.contiguous_format)
     fast = copy.deepcopy(base)
     folded = fold_frozen_bn(fast) if mcfg.norm == "frozen" else 0
-    fast = fast.to(memory_format=torch.channels_last)
-    autocast = _autocast(cfg.infer.mixed_precision, device)
+    if mcfg.channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    autocast = functools.partial(device_autocast, cfg.infer.mixed_precision, device)
     store = np.float16 if cfg.infer.dtype == "float16" else np.float32
 
     with tempfile.TemporaryDirectory() as tmp:
         a, b = Path(tmp) / "a", Path(tmp) / "b"
         a.mkdir(), b.mkdir()
         straightforward(base, images[:1], labels[:1], scales, a, device)  # warm-up
-        ours(fast, images[:1], labels[:1], scales, b, device, cfg.infer.batch_size, autocast, store)
+        ours(fast, images[:1], labels[:1], scales, b, device, cfg.infer.batch_size, autocast, store,
+             mcfg.channels_last)
         t_base = _timed(straightforward, base, images, labels, scales, a, device)
-        t_ours = _timed(ours, fast, images, labels, scales, b, device, cfg.infer.batch_size, autocast, store)
+        t_ours = _timed(ours, fast, images, labels, scales, b, device, cfg.infer.batch_size, autocast, store,
+                        mcfg.channels_last)
         # the two paths must agree on what they compute (up to mixed precision and fp16 storage)
         ref = np.load(a / "0.npy", allow_pickle=True).item()["high_res"]
         with np.load(b / "0.npz") as z:
@@ -138,7 +142,7 @@ def run(cfg: Config, args) -> int:
     }
     print(f"inference ({mcfg.backbone}, {n} images {size[1]}x{size[0]}, scales {scales}, + flips, {device}):")
     print(f"  straightforward (fp32 NCHW, whole network, per image, pickle): {figures['straightforward_img_s']:.3f} img/s")
-    print(f"  vwe (CAM path, batch {cfg.infer.batch_size}, folded BN {folded}, channels_last, "
+    print(f"  vwe (CAM path, batch {cfg.infer.batch_size}, folded BN {folded}, channels_last {mcfg.channels_last}, "
           f"{cfg.infer.mixed_precision}): {figures['vwe_img_s']:.3f} img/s  -> {figures['speedup']:.2f}x")
     print(f"  max |high_res difference| between the two: {diff:.4f}")
     if args.json:

@@ -11,10 +11,8 @@ straightforward fp32 loop (the 2021 way: fp32, NCHW, no autocast) against the co
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,8 @@ from pathlib import Path
 import torch
 
 from vwe.config import Config, load_config, save_config
+from vwe.data.transforms import normalize
+from vwe.device import autocast, peak_memory_mib, synchronize
 from vwe.errors import VweError
 
 # --compare NAME: variants as (label, {section: {field: value}}) applied to the loaded config
@@ -41,8 +41,6 @@ COMPARISONS: dict[str, list[tuple[str, dict[str, dict]]]] = {
 GPU_PEAK_TFLOPS = {"A100": {"bf16": 312.0, "fp16": 312.0, "no": 156.0},
                    "H100": {"bf16": 989.0, "fp16": 989.0, "no": 494.0},
                    "H200": {"bf16": 989.0, "fp16": 989.0, "no": 494.0}}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -84,34 +82,6 @@ class TrainFigures:
     mfu: float = 0.0
 
 
-def _normalize(images: torch.Tensor) -> torch.Tensor:
-    try:
-        from vwe.data.transforms import normalize
-    except ImportError:  # the data package is optional for a model-only benchmark
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-        return (images.float() / 255.0 - mean) / std
-    return normalize(images)
-
-
-def _autocast(device: torch.device, mixed_precision: str):
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigures:
     """Time `steps` training steps (after `warmup` untimed ones) in this process."""
     from vwe.model.net import build_model, param_groups
@@ -124,10 +94,10 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
     b, s = cfg.train.batch_size, cfg.data.crop_size
     batches, source = _input(cfg, device, warmup + steps)
     images, labels = next(batches)
-    flops = count_flops(model, _normalize(images), labels, cfg.train.mixed_precision, device)
+    flops = count_flops(model, normalize(images), labels, cfg.train.mixed_precision, device)
     channels_last = cfg.model.channels_last
-    _sync(device)
-    model_mem = _peak_mib(device)
+    synchronize(device)
+    model_mem = peak_memory_mib(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -138,20 +108,20 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
         if i:
             images, labels = next(batches)
         t0 = time.perf_counter()
-        x = _normalize(images)
+        x = normalize(images)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, cfg.train.mixed_precision):
+        with autocast(cfg.train.mixed_precision, device):
             out = model(x)
             loss = model.losses(out, labels)["loss"]
-        _sync(device)
+        synchronize(device)
         t1 = time.perf_counter()
         loss.backward()
-        _sync(device)
+        synchronize(device)
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        synchronize(device)
         t3 = time.perf_counter()
         if not torch.isfinite(loss):
             print(f"warning: non-finite loss at step {i} (timings still valid)", file=sys.stderr)
@@ -168,7 +138,7 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
         mixed_precision=cfg.train.mixed_precision, grad_checkpointing=cfg.model.grad_checkpointing,
         steps=steps, img_per_s=b / (step + wait), step_s=step + wait, forward_s=times.mean("forward"),
         backward_s=times.mean("backward"), optimizer_s=times.mean("optimizer"),
-        peak_mem_mib=_peak_mib(device),
+        peak_mem_mib=peak_memory_mib(device),
         mem_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
         model_mem_mib=model_mem, data_wait_s=wait, input=source, flops_per_step=flops, peak_tflops=peak,
         mfu=flops / (step + wait) / (peak * 1e12) if peak else 0.0)
@@ -202,7 +172,7 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, m
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
-        with _autocast(device, mixed_precision):
+        with autocast(mixed_precision, device):
             out = model(x)
             loss = model.losses(out, labels)["loss"]
         loss.backward()
