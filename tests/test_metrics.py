@@ -62,6 +62,9 @@ def test_sweep_equals_direct_evaluation_at_every_threshold():
         total_hist += sweep_histogram(high_res, keys, gt, thresholds, n)
         for j, t in enumerate(thresholds):
             direct[j] += confusion_matrix(cam_to_label(high_res, keys, float(t)), gt, n)
+            single = sweep_histogram(high_res, keys, gt, thresholds[j:j + 1], n)  # the one-threshold path
+            assert (confusions_from_histogram(single)[0] ==
+                    confusion_matrix(cam_to_label(high_res, keys, float(t)), gt, n)).all()
     assert (confusions_from_histogram(total_hist) == direct).all()
 
 

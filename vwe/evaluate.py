@@ -34,7 +34,7 @@ def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: n
     missing, bad = [], []
     by_checkpoint: dict[str, list[str]] = defaultdict(list)
     scored = 0
-    for sample in infer_samples(cfg, rank, world, with_scales=False):
+    for sample in infer_samples(cfg, rank, world, with_scales=False, with_image=False):
         key, mask = sample["key"], sample["mask"]
         if mask is None:
             bad.append(f"{key}: the split has no ground-truth mask for it")

@@ -70,19 +70,36 @@ def sweep_histogram(high_res: np.ndarray, keys: np.ndarray, gt: np.ndarray, thre
     n, t = num_classes, len(thresholds)
     if high_res.shape[1:] != gt.shape:
         raise ValueError(f"CAM size {high_res.shape[1:]} differs from mask size {gt.shape}")
-    valid = gt != ignore_index
-    g = gt[valid].astype(np.int64)
-    if high_res.shape[0] == 0:
-        fg = np.zeros_like(g)
-        bins = np.zeros_like(g)
+    g = gt.astype(np.intp)
+    g[gt == ignore_index] = n  # an extra row for ignored pixels, dropped at the end (no masked copies)
+    if g.size and (g.min() < 0 or g.max() > n):
+        raise ValueError(f"mask values outside 0..{n - 1} and {ignore_index}")
+    k = high_res.shape[0]
+    if k == 0:
+        fg, top = 0, None
     else:
-        scores = high_res.astype(np.float32, copy=False)
-        best = np.argmax(scores, axis=0)
-        top = np.take_along_axis(scores, best[None], 0)[0][valid]
-        fg = (np.asarray(keys, dtype=np.int64) + 1)[best[valid]]
+        # running max over the few kept channels (cheaper than argmax + gather over (k, H, W));
+        # strictly greater keeps the first maximum, as argmax does
+        lut = np.asarray(keys, dtype=np.intp) + 1
+        top = high_res[0].astype(np.float32)
+        best = None
+        for i in range(1, k):
+            channel = high_res[i].astype(np.float32)
+            better = channel > top
+            if best is None:
+                best = better.astype(np.intp)
+            else:
+                np.putmask(best, better, i)
+            np.maximum(top, channel, out=top)
+        fg = lut[0] if best is None else lut[best]
+    if top is None:
+        bins = 0
+    elif t == 1:
+        bins = (top > thresholds[0]).astype(np.intp)
+    else:
         bins = np.searchsorted(thresholds, top, side="left")
     idx = (g * n + fg) * (t + 1) + bins
-    return np.bincount(idx, minlength=n * n * (t + 1)).reshape(n, n, t + 1)
+    return np.bincount(idx.ravel(), minlength=(n + 1) * n * (t + 1)).reshape(n + 1, n, t + 1)[:n]
 
 
 def confusions_from_histogram(hist: np.ndarray) -> np.ndarray:

@@ -261,8 +261,9 @@ def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0) 
 
 
 class _InferStream(IterableDataset):
-    def __init__(self, cfg, index: SplitIndex, lo: int, hi: int, with_scales: bool):
+    def __init__(self, cfg, index: SplitIndex, lo: int, hi: int, with_scales: bool, with_image: bool = True):
         self.index, self.lo, self.hi = index, lo, hi
+        self.with_image = with_image or with_scales
         self.scales = list(cfg.infer.scales) if with_scales else None
         self.flip = cfg.infer.flip
         self.skip_mode = cfg.data.on_corrupt == "skip"
@@ -303,7 +304,9 @@ class _InferStream(IterableDataset):
 
     def _decode(self, raw: RawSample) -> dict:
         where = f"shard {raw.shard}, sample {raw.key!r}"
-        im = load_rgb(open_jpeg(raw.jpg, where), where)
+        im = open_jpeg(raw.jpg, where)  # lazy: the header gives the size without decoding the pixels
+        if self.with_image:
+            im = load_rgb(im, where)
         w, h = im.size
         mask = None
         if raw.mask is not None:
@@ -311,8 +314,9 @@ class _InferStream(IterableDataset):
             if m.shape != (h, w):
                 raise DataError(f"{where}: mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}")
             mask = torch.from_numpy(m.copy())
-        out = {"key": raw.key, "image": torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),
-               "labels": _labels_vec(raw.labels), "mask": mask}
+        out = {"key": raw.key, "size": (h, w), "labels": _labels_vec(raw.labels), "mask": mask}
+        if self.with_image:
+            out["image"] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
         if self.scales is not None:
             out["scales"] = [resize_pair(im, s, self.flip) for s in self.scales]
         return out
@@ -323,10 +327,12 @@ def infer_ranges(n: int, world: int) -> list[tuple[int, int]]:
     return [(r * n // world, (r + 1) * n // world) for r in range(world)]
 
 
-def infer_samples(cfg, rank: int, world: int, split: str | None = None, with_scales: bool = True) -> Iterator[dict]:
+def infer_samples(cfg, rank: int, world: int, split: str | None = None, with_scales: bool = True,
+                  with_image: bool = True) -> Iterator[dict]:
     """Every sample of `split` (default data.infer_split) exactly once over all ranks.
 
-    Dicts: `key` str, `image` uint8 (3,H,W), `labels` float32 (20,), `mask` uint8 (H,W) or None,
+    Dicts: `key` str, `size` (H, W), `image` uint8 (3,H,W) (unless with_image is false: evaluation needs
+    only masks, and the JPEG is then not decoded), `labels` float32 (20,), `mask` uint8 (H,W) or None,
     `scales` (with_scales) a list, one per infer.scales, of uint8 (2,3,h,w): the resized image and its
     horizontal flip ((1,3,h,w) when infer.flip is false), `skipped` int (corrupt samples skipped just
     before this one; only with data.on_corrupt = skip).
@@ -335,7 +341,7 @@ def infer_samples(cfg, rank: int, world: int, split: str | None = None, with_sca
         raise VweError(f"rank {rank} outside world size {world}")
     idx = _index(cfg, split or cfg.data.infer_split)
     lo, hi = infer_ranges(idx.num_samples, world)[rank]
-    ds = _InferStream(cfg, idx, lo, hi, with_scales)
+    ds = _InferStream(cfg, idx, lo, hi, with_scales, with_image)
     workers = min(cfg.infer.num_workers, max(hi - lo, 1)) if hi > lo else 0
     if workers and cfg.data.worker_kind == "thread":
         yield from _count_skips(_threaded(ds.plan(0, 1), ds.decode, workers))
