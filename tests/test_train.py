@@ -161,3 +161,21 @@ def test_checkpoint_of_another_model_shape_is_refused(synthetic_shards, tmp_path
     proc = run_train(1, synthetic_shards, run, "train.max_steps=4", "model.num_words=8")
     assert proc.returncode == 2
     assert "another model shape" in proc.stderr and "model.num_words: checkpoint 16, config 8" in proc.stderr
+
+
+@pytest.mark.multiprocess
+def test_corrupt_samples_skipped_counted_over_ranks(synthetic_shards, tmp_path):
+    from data_helpers import samples_of, write_split
+    shards = tmp_path / "shards"
+    samples = samples_of(synthetic_shards, "train")
+    for s in samples[::10]:  # one broken JPEG in every shard of 10
+        s["parts"]["jpg"] = b"\xff\xd8broken"
+    write_split(shards, "train", samples, n_shards=5)
+    run = tmp_path / "run"
+    proc = run_train(2, shards, run, "train.max_steps=13", "train.checkpoint_every=0", "data.on_corrupt=skip")
+    ok(proc)
+    s = summary(run)
+    assert s["skipped_samples"] >= 1 and s["processes"] == 2
+    assert "corrupt sample(s) skipped (data.on_corrupt=skip" in proc.stdout + proc.stderr
+    proc = run_train(1, shards, tmp_path / "strict", "train.max_steps=13")
+    assert proc.returncode != 0 and "cannot decode JPEG" in proc.stderr

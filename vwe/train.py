@@ -166,6 +166,7 @@ def train(cfg: Config) -> int:
     window = Window(time.perf_counter(), progress.samples)
     start_time, start_step, start_samples = time.perf_counter(), progress.step, progress.samples
     last_checkpoint: Path | None = resume_from
+    pending_skips = epoch_skips = 0  # this rank's skips since the last step; all ranks' this epoch
 
     while progress.step < max_steps:
         for batch in _timed(train_batches(cfg, rank, world, progress.epoch, start_batch=progress.micro), window):
@@ -186,7 +187,7 @@ def train(cfg: Config) -> int:
                 optimizer.zero_grad(set_to_none=True)
             progress.micro += 1
             progress.samples += len(batch["key"]) * world
-            progress.skipped += int(batch.get("skipped", 0))
+            pending_skips += int(batch.get("skipped", 0))
             window.add(losses)
             if not accelerator.sync_gradients:
                 continue
@@ -197,7 +198,11 @@ def train(cfg: Config) -> int:
             terms = window.last_terms
             # the window's sums hold every micro-batch since the last log line: NaN anywhere shows there
             flags = reduce_sum(torch.tensor([float(not torch.isfinite(window.loss_sums).all()),
-                                             float(preempt.signal is not None)], device=terms.device))
+                                             float(preempt.signal is not None), float(pending_skips)],
+                                            device=terms.device))
+            progress.skipped += int(flags[2])  # corrupt samples skipped by all ranks (data.on_corrupt=skip)
+            epoch_skips += int(flags[2])
+            pending_skips = 0
             if flags[0] > 0:
                 bar.close()
                 accelerator.wait_for_everyone()
@@ -225,8 +230,12 @@ def train(cfg: Config) -> int:
             if progress.step >= max_steps:
                 break
         else:  # the epoch's batches are exhausted
+            if epoch_skips:
+                accelerator.print(f"epoch {progress.epoch}: {epoch_skips} corrupt sample(s) skipped "
+                                  f"(data.on_corrupt=skip; {progress.skipped} in this run so far)")
             progress.epoch += 1
             progress.micro = 0
+            epoch_skips = 0
     bar.close()
 
     if last_checkpoint is None or last_checkpoint.name != f"step-{progress.step:06d}":
