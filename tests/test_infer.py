@@ -100,3 +100,31 @@ def test_legacy_export_and_float16_storage(synthetic_shards, trained, tmp_path):
 def test_missing_weights_is_a_clear_error(synthetic_shards, tmp_path):
     proc = run_vwe("infer", *args(synthetic_shards, tmp_path / "nothing"), check=False)
     assert proc.returncode == 2 and "model.safetensors not found" in proc.stderr
+
+
+def test_multiscale_cams_flip_and_scales():
+    import torch
+    from vwe.config import load_config
+    from vwe.infer import keep_positive, multiscale_cams
+    from vwe.model.net import build_model
+    cfg = load_config(DEMO, ["model.num_words=8"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    img = torch.randint(0, 256, (1, 3, 40, 56), dtype=torch.uint8)
+    pair = torch.cat([img, img.flip(-1)])
+    device = torch.device("cpu")
+    high, strided = multiscale_cams(model, [pair], (40, 56), device, False)
+    assert high.shape == (1, 20, 40, 56) and strided.shape == (1, 20, 10, 14)
+    import torch.nn.functional as F
+    from vwe.data.transforms import normalize
+    with torch.no_grad():
+        c = model.cam(normalize(pair))  # max of the image's CAM and the un-flipped CAM of the flip
+    expected = F.interpolate(torch.maximum(c[:1], c[1:].flip(-1)), (40, 56), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(high, expected)
+    plain, _ = multiscale_cams(model, [img], (40, 56), device, False, flip=False)
+    torch.testing.assert_close(plain, F.interpolate(c[:1], (40, 56), mode="bilinear", align_corners=False))
+    two, _ = multiscale_cams(model, [pair, pair], (40, 56), device, False)
+    torch.testing.assert_close(two, 2 * high)  # scales add up
+    keys, kept = keep_positive(high[0], torch.eye(20)[[3]].sum(0) + torch.eye(20)[[11]].sum(0))
+    assert keys.tolist() == [3, 11] and kept.shape == (2, 40, 56)
+    assert torch.all(kept.flatten(1).amax(1) <= 1.0) and torch.all(kept >= 0)

@@ -59,10 +59,11 @@ def load_cam_model(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, 
 @torch.no_grad()
 def multiscale_cams(model: torch.nn.Module, scales: list[torch.Tensor], size: tuple[int, int],
                     device: torch.device, channels_last: bool = True,
-                    autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+                    autocast=contextlib.nullcontext, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over scales of max(cam(image), unflip(cam(flip))), resized to `size` and to size/4 (ceil).
 
-    `scales[i]` is uint8 (2N, 3, h, w): N images followed by their N horizontal flips.
+    `scales[i]` is uint8 (2N, 3, h, w): N images followed by their N horizontal flips ((N, 3, h, w) and
+    no maximum with the flip when `flip` is false).
     Returns (high_res (N, C, H, W), strided (N, C, ceil(H/4), ceil(W/4))), float32, unnormalised.
     """
     strided_size = (-(-size[0] // 4), -(-size[1] // 4))
@@ -74,8 +75,9 @@ def multiscale_cams(model: torch.nn.Module, scales: list[torch.Tensor], size: tu
         with autocast():
             cam = model.cam(x)
         cam = cam.float()
-        n = cam.shape[0] // 2
-        cam = torch.maximum(cam[:n], cam[n:].flip(-1))
+        if flip:
+            n = cam.shape[0] // 2
+            cam = torch.maximum(cam[:n], cam[n:].flip(-1))
         up = F.interpolate(cam, size, mode="bilinear", align_corners=False)
         down = F.interpolate(cam, strided_size, mode="bilinear", align_corners=False)
         high = up if high is None else high + up
@@ -113,9 +115,11 @@ def infer(cfg: Config) -> int:
 
     def flush(size: tuple[int, int]) -> None:
         group = pending.pop(size)
-        per_scale = [torch.cat([s["scales"][i][0:1] for s in group] + [s["scales"][i][1:2] for s in group])
+        # per scale: the group's images, then (with infer.flip) their flips
+        per_scale = [torch.cat([s["scales"][i][0:1] for s in group] +
+                               ([s["scales"][i][1:2] for s in group] if cfg.infer.flip else []))
                      for i in range(len(group[0]["scales"]))]
-        high, strided = multiscale_cams(model, per_scale, size, device, channels_last, autocast)
+        high, strided = multiscale_cams(model, per_scale, size, device, channels_last, autocast, cfg.infer.flip)
         for j, sample in enumerate(group):
             keys, hr = keep_positive(high[j], sample["labels"])
             _, st = keep_positive(strided[j], sample["labels"])
