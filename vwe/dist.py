@@ -1,6 +1,7 @@
 """The process group as Accelerate/torchrun/SLURM set it up, and the few collectives the pipeline needs."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -9,12 +10,19 @@ import torch.distributed as dist
 from accelerate import PartialState
 
 
-def distributed_state() -> PartialState:
+def use_cpu() -> bool:
+    """No GPU, or the launcher forced the CPU (ACCELERATE_USE_CPU, which PartialState itself ignores)."""
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return forced or not torch.cuda.is_available()
+
+
+def distributed_state(**kwargs: Any) -> PartialState:
     """Join the process group described by the environment (world size 1 when there is none).
 
     Without a GPU Accelerate must be told it runs on CPU, or each launched process believes it is alone.
+    `kwargs` go to PartialState (e.g. `timeout`).
     """
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=use_cpu(), **kwargs)
 
 
 def is_distributed() -> bool:

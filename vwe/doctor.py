@@ -27,11 +27,6 @@ def _say(msg: str, err: bool = False) -> None:
     stream.flush()
 
 
-def _use_cpu() -> bool:
-    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return forced or not torch.cuda.is_available()
-
-
 def _watchdog(timeout_s: float, what: list[str]) -> threading.Timer:
     """Exit the whole process if the check has not finished in time (a rank that never joins)."""
     def fire() -> None:
@@ -75,10 +70,9 @@ def doctor(timeout_s: float, hold_s: float = 0.0) -> int:
     stage = ["joining the process group"]
     timer = _watchdog(timeout_s, stage)
     try:
-        from accelerate import PartialState
+        from vwe.dist import distributed_state
 
-        cpu = _use_cpu()
-        state = PartialState(cpu=cpu, timeout=datetime.timedelta(seconds=timeout_s))
+        state = distributed_state(timeout=datetime.timedelta(seconds=timeout_s))
         rank, world = state.process_index, state.num_processes
         env_world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != env_world:

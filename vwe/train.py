@@ -25,7 +25,7 @@ from tqdm import tqdm
 from vwe.checkpoint import (FINAL_WEIGHTS_NAME, complete_checkpoints, export_weights, load_checkpoint,
                             quarantine_diverged, resolve_resume, save_checkpoint)
 from vwe.config import Config, ConfigError, save_config
-from vwe.data.loader import steps_per_epoch, train_batches
+from vwe.data.loader import micro_batch_size, steps_per_epoch, train_batches
 from vwe.data.transforms import normalize
 from vwe.device import peak_memory_mib
 from vwe.dist import gather_objects
@@ -52,14 +52,6 @@ class Progress:
 def poly_factor(step: int, max_steps: int, power: float) -> float:
     """Polynomial decay `(1 - step / max_steps) ** power`."""
     return (1 - min(step, max_steps) / max_steps) ** power
-
-
-def per_rank_batch(cfg: Config, world: int) -> int:
-    denom = world * cfg.train.grad_accum
-    if cfg.train.batch_size % denom:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by processes ({world}) x "
-                          f"train.grad_accum ({cfg.train.grad_accum})")
-    return cfg.train.batch_size // denom
 
 
 def make_accelerator(cfg: Config, run_dir: Path) -> Accelerator:
@@ -114,7 +106,7 @@ def train(cfg: Config) -> int:
     run_dir = Path(cfg.output.run_dir)
     accelerator = make_accelerator(cfg, run_dir)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    micro_batch = per_rank_batch(cfg, world)
+    micro_batch = micro_batch_size(cfg, world)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.model.channels_last:
         # DeepSpeed broadcasts parameters as byte views, which channels_last weights do not allow
         accelerator.print("note: model.channels_last is turned off under DeepSpeed")
@@ -194,7 +186,6 @@ def train(cfg: Config) -> int:
 
             # one small all-reduce per step: divergence and preemption are decided by all ranks together
             progress.step += 1
-            window.steps += 1
             terms = window.last_terms
             # the window's sums hold every micro-batch since the last log line: NaN anywhere shows there
             flags = reduce_sum(torch.tensor([float(not torch.isfinite(window.loss_sums).all()),
@@ -282,7 +273,7 @@ class Window:
 
     def reset(self, start: float, samples: int) -> None:
         self.start, self.samples_at_start = start, samples
-        self.steps, self.micro, self.wait = 0, 0, 0.0
+        self.micro, self.wait = 0, 0.0
         self.loss_sums: torch.Tensor | None = None
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:

@@ -24,7 +24,7 @@ from PIL import Image
 from vwe.cam_io import CamRecord, write_cam
 from vwe.config import Config
 from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_pair
-from vwe.device import autocast as device_autocast
+from vwe.device import autocast as device_autocast, synchronize
 from vwe.infer import keep_positive, multiscale_cams
 from vwe.model.backbone import fold_frozen_bn
 from vwe.model.net import build_model
@@ -90,13 +90,11 @@ def ours(model: torch.nn.Module, images: list[np.ndarray], labels: list[torch.Te
                       CamRecord(keys, st.cpu().numpy().astype(store), hr.cpu().numpy().astype(store), "bench"))
 
 
-def _timed(fn, *args) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def _timed(device: torch.device, fn, *args) -> float:
+    synchronize(device)
     t0 = time.perf_counter()
     fn(*args)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -124,8 +122,8 @@ def run(cfg: Config, args) -> int:
         straightforward(base, images[:1], labels[:1], scales, a, device)  # warm-up
         ours(fast, images[:1], labels[:1], scales, b, device, cfg.infer.batch_size, autocast, store,
              mcfg.channels_last)
-        t_base = _timed(straightforward, base, images, labels, scales, a, device)
-        t_ours = _timed(ours, fast, images, labels, scales, b, device, cfg.infer.batch_size, autocast, store,
+        t_base = _timed(device, straightforward, base, images, labels, scales, a, device)
+        t_ours = _timed(device, ours, fast, images, labels, scales, b, device, cfg.infer.batch_size, autocast, store,
                         mcfg.channels_last)
         # the two paths must agree on what they compute (up to mixed precision and fp16 storage)
         ref = np.load(a / "0.npy", allow_pickle=True).item()["high_res"]
