@@ -7,7 +7,8 @@ import tarfile
 from pathlib import Path
 
 from vwe.config import load_config
-from vwe.data.shards import ShardInfo, file_sha256, iter_shard, load_index, write_index
+from vwe.io import file_sha256
+from vwe.data.shards import ShardInfo, iter_shard, load_index, write_index
 
 REPO = Path(__file__).resolve().parent.parent
 

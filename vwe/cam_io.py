@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vwe.errors import DataError
+from vwe.io import atomic_write
 
 FIELDS = ("keys", "cam", "high_res", "checkpoint")
 
@@ -28,12 +29,9 @@ class CamRecord:
 
 def write_cam(path: Path, record: CamRecord) -> None:
     """Write atomically: a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # no .npz suffix: never mistaken for a CAM
-    with open(tmp, "wb") as f:
-        np.savez(f, keys=np.asarray(record.keys, dtype=np.int64), cam=record.cam, high_res=record.high_res,
-                 checkpoint=np.array(record.checkpoint))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, keys=np.asarray(record.keys, dtype=np.int64), cam=record.cam,
+                                          high_res=record.high_res, checkpoint=np.array(record.checkpoint)),
+                 "CAM file")
 
 
 def read_cam(path: Path, num_classes: int = 20) -> CamRecord:
@@ -70,10 +68,7 @@ def export_legacy(cam_dir: Path, out_dir: Path) -> int:
     for path in sorted(cam_dir.glob("*.npz")):
         rec = read_cam(path)
         item = {"keys": rec.keys, "cam": rec.cam.astype(np.float32), "high_res": rec.high_res.astype(np.float32)}
-        tmp = out_dir / f".{path.stem}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, item, allow_pickle=True)
-        os.replace(tmp, out_dir / f"{path.stem}.npy")
+        atomic_write(out_dir / f"{path.stem}.npy", lambda f: np.save(f, item, allow_pickle=True), "CAM export")
         n += 1
     return n
 

@@ -12,6 +12,7 @@ does not restore.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vwe.data.shards import file_sha256
+from vwe.io import atomic_write, commit_dir, file_sha256
 from vwe.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -122,13 +123,11 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 def export_weights(state_dict: dict[str, torch.Tensor], config: dict, path: Path) -> str:
     """Write final weights as one safetensors file with the resolved config; returns its SHA-256."""
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    from safetensors.torch import save
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp), metadata={"vwe_config": json.dumps(config)})
-    os.replace(tmp, path)
-    return file_sha256(path)
+    data = save(tensors, metadata={"vwe_config": json.dumps(config)})
+    atomic_write(path, data, "weights")
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

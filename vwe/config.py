@@ -316,11 +316,8 @@ def config_from_dict(tree: dict, src: str = "dict") -> Config:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, p)
+    from vwe.io import atomic_write
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config")
 
 
 def repo_configs_dir() -> Path:

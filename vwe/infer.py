@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vwe.cam_io import CamRecord, cam_dir_for, export_legacy, read_cam, write_cam
-from vwe.checkpoint import FINAL_WEIGHTS_NAME, check_compatible, file_sha256, load_weights
+from vwe.checkpoint import FINAL_WEIGHTS_NAME, check_compatible, load_weights
 from vwe.config import Config, ModelConfig, config_from_dict
 from vwe.data.loader import infer_samples
 from vwe.data.transforms import normalize
 from vwe.device import autocast as device_autocast
 from vwe.dist import distributed_state, gather_objects
 from vwe.errors import CheckpointError, DataError
+from vwe.io import atomic_write, file_sha256
 from vwe.model.backbone import fold_frozen_bn
 from vwe.model.net import build_model
 from vwe.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
@@ -161,9 +162,7 @@ def infer(cfg: Config) -> int:
     seconds = time.perf_counter() - start
     manifest = {"rank": rank, "world": world, "split": cfg.data.infer_split, "weights": str(weights_path(cfg)),
                 "checkpoint": weights_hash, "seconds": round(seconds, 3), **counts, "ids": sorted(written)}
-    tmp = out_dir / f".manifest-rank{rank:03d}.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out_dir / f"manifest-rank{rank:03d}.json")
+    atomic_write(out_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), "inference manifest")
     totals = gather_objects(counts)
     if state.is_main_process:
         total = {k: sum(t[k] for t in totals) for k in counts}

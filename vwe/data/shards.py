@@ -24,6 +24,7 @@ from PIL import Image
 
 from vwe.data import voc as vocdata
 from vwe.errors import DataError
+from vwe.io import atomic_write, file_sha256
 
 INDEX_VERSION = 1
 SPLITS = ("train_aug", "train", "val")
@@ -108,21 +109,13 @@ def write_index(root: Path, split: str, shards: list[ShardInfo], has_masks: bool
          "shards": [{"name": s.name, "count": s.count, "bytes": s.bytes, "sha256": s.sha256,
                      "keys": list(s.keys)} for s in shards]}
     p = index_path(root, split)
-    _atomic_write(p, (json.dumps(d, indent=1) + "\n").encode())
+    atomic_write(p, (json.dumps(d, indent=1) + "\n").encode())
     return p
 
 
 # ---------------------------------------------------------------- checksums
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_shards(index: SplitIndex, shards: list[ShardInfo] | None = None) -> None:
@@ -271,15 +264,6 @@ def iter_shard(path: Path, expected: int | None = None) -> Iterator[RawSample]:
 
 # ---------------------------------------------------------------- writing
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o444, 0, 0, "", ""
@@ -302,7 +286,7 @@ def write_shard(path: Path, samples: list[RawSample]) -> tuple[ShardInfo, bool]:
     info = ShardInfo(path.name, len(samples), digest, len(data), tuple(s.key for s in samples))
     if path.is_file() and path.stat().st_size == len(data) and file_sha256(path) == digest:
         return info, False
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return info, True
 
 

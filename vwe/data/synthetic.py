@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from vwe.io import atomic_write
 from vwe.data.voc import CLASS_NAMES, IGNORE_INDEX, encode_mask
 
 # Default classes (VOC indices): aeroplane, bus, cat, dog, person. Few and clearly coloured, so a small
@@ -138,9 +139,7 @@ def annotation_xml(image_id: str, width: int, height: int, objects: list) -> str
 
 
 def _write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def _jpeg(img: np.ndarray) -> bytes:

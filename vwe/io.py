@@ -1,0 +1,106 @@
+"""Committing files to disk: atomic, durable writes and checksums. The one place files are written.
+
+Every output (shards, indexes, CAMs, configs, weights, checkpoints, reports) is written to a temporary
+name in its destination folder, flushed and fsync'ed, renamed over the final name, and the folder is
+fsync'ed: a process kill or a node crash leaves either the old file or the new one, never a partial
+file under the final name. The temporary is removed on any error. Temporary names start with a dot and
+end in `.tmp<pid>`, so no reader globbing for `*.npz`, `*.tar` or `step-*` ever picks one up.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from vwe.errors import VweError
+
+
+class WriteError(VweError):
+    """An output could not be written (read-only or full file system, permissions)."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary sibling that an atomic write of `path` goes through."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
+    with contextlib.suppress(OSError):  # some file systems refuse O_RDONLY on folders; nothing to do there
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
+    """Turn OS errors while writing `path` into a WriteError naming the path and the cause."""
+    try:
+        yield
+    except OSError as e:
+        cause = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+                 errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno,
+                                                                                              e.strerror)
+        raise WriteError(f"cannot write {what} {path}: {cause}") from e
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None],
+                 what: str = "output") -> Path:
+    """Write `data` (bytes, text, or a function writing into a binary file) to `path` atomically."""
+    path = Path(path)
+    tmp = temp_name(path)
+    with writing(path, what):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+    return path
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file below `folder`, then the folders themselves."""
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def commit_dir(tmp: Path, final: Path, what: str = "output") -> Path:
+    """Make the folder `tmp` durable and rename it to `final` (replacing an older `final`)."""
+    with writing(final, what):
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    return final
