@@ -74,9 +74,9 @@ def test_two_process_run_learns_and_ranks_agree(synthetic_shards, tmp_path):
     losses = [l["loss/loss"] for l in lines]
     assert len(losses) == 16
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
-    assert {"loss/cls", "loss/hist", "loss/word", "lr/group0", "images_per_s", "data_wait_fraction",
+    assert {"loss/cls", "loss/hist", "loss/word", "lr/backbone", "lr/heads", "images_per_s", "data_wait_fraction",
             "peak_memory_mb"} <= set(lines[0])
-    assert lines[-1]["lr/group0"] < lines[0]["lr/group0"]  # poly decay
+    assert lines[-1]["lr/backbone"] < lines[0]["lr/backbone"]  # poly decay
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000008", "step-000016"]
     assert (run / "config.yaml").is_file() and "run summary" in proc.stdout
 
@@ -129,7 +129,8 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(synthetic_shards, tmp_p
     ok(run_train(1, synthetic_shards, run, "train.max_steps=4", "train.checkpoint_every=2"))
     (run / "final").rename(tmp_path / "first_final")
     # resume from step 4 with an absurd learning rate: the update at step 5 overflows, step 6 is NaN
-    proc = run_train(1, synthetic_shards, run, "train.max_steps=12", "train.checkpoint_every=2", "train.lr=1e30")
+    proc = run_train(1, synthetic_shards, run, "train.max_steps=12", "train.checkpoint_every=2", "train.lr=1e30",
+                     "train.resume_changed=allow")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "non-finite loss at step" in proc.stderr and "Traceback" not in proc.stderr
     step = int(proc.stderr.split("non-finite loss at step ")[1].split()[0])

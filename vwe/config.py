@@ -85,6 +85,8 @@ class TrainConfig:
     checkpoint_every: int = _opt(200, min=0, doc="steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = _opt(3, min=1)
     resume: str = _opt("auto", doc="auto | none | path to a checkpoint folder")
+    resume_changed: str = _opt("error", choices=("error", "allow"),
+                               doc="resume with settings that change the result: refuse, or allow and record")
 
 
 @dataclass

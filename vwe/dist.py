@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
+
+from vwe.errors import VweError
 
 
 def use_cpu() -> bool:
@@ -48,3 +51,30 @@ def gather_objects(obj: Any) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def collective_call(fn: Callable[[], Any], main_only: bool = False) -> Any:
+    """Run `fn` on every rank (or only rank 0) and let all ranks agree on the outcome.
+
+    A VweError or OSError raised on any rank is raised on every rank (the first one, by rank), so no rank
+    is left waiting in a collective for a peer that failed. Returns rank 0's result on every rank.
+    """
+    rank = dist.get_rank() if is_distributed() else 0
+    result, error = None, None
+    if rank == 0 or not main_only:
+        try:
+            result = fn()
+        except (VweError, OSError) as e:
+            error = e
+    outcomes = gather_objects((result if rank == 0 else None, error))
+    for _, err in outcomes:
+        if err is not None:
+            raise err
+    return outcomes[0][0]
+
+
+def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks, in place (unchanged in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,0 +1,1 @@
+"""The training components: setup, the step, the checkpointer, the logger, config drift."""

@@ -1,0 +1,149 @@
+"""What a training run is built from: the Accelerator, the model, SGD with the poly schedule, the counters."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+from torch.optim.lr_scheduler import LambdaLR
+
+from vwe.config import Config, ConfigError, ModelConfig
+from vwe.data.loader import micro_batch_size, steps_per_epoch
+from vwe.model.net import VWENet, build_model, param_groups
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint; `micro` counts micro-batches done in the current epoch."""
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0
+    samples: int = 0
+    skipped: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, int(v))
+
+
+@dataclass
+class Parts:
+    """The built pieces of a run. `model_cfg` is what was built: the run's model section, except where a
+    runtime forces another layout (channels_last off under DeepSpeed); the run's config stays as given."""
+    cfg: Config
+    model_cfg: ModelConfig
+    accelerator: Accelerator
+    model: torch.nn.Module      # as prepared by Accelerate (DDP / DeepSpeed engine)
+    net: VWENet                 # the unwrapped network
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    input_dtype: torch.dtype
+    micro_batch: int
+    steps_per_epoch: int
+    max_steps: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def position_schedule(self, step: int) -> None:
+        """Put the schedule (and every group's lr) where it is after `step` optimizer steps."""
+        self.scheduler.last_epoch = step
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * poly_factor(step, self.max_steps, self.cfg.train.poly_power)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def poly_factor(step: int, max_steps: int, power: float) -> float:
+    """Polynomial decay `(1 - step / max_steps) ** power`."""
+    return (1 - min(step, max_steps) / max_steps) ** power
+
+
+def make_accelerator(cfg: Config, logging_dir: str | None = None) -> Accelerator:
+    """The Accelerator for cfg.train's precision and accumulation, on GPU, CPU or DeepSpeed."""
+    cuda = torch.cuda.is_available()
+    if cfg.train.mixed_precision == "fp16" and not cuda:
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU (fp16 loss scaling is not supported on CPU); "
+                          "use bf16 on CPU")
+    if cfg.train.mixed_precision == "bf16" and not cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("warning: this CPU has no native bf16 (oneDNN reports none): bf16 autocast is emulated and was "
+              "measured >10x slower than fp32 on such a CPU (docs/benchmarks.md); train.mixed_precision=no "
+              "is faster here", file=sys.stderr)
+    # Without a GPU the ranks only form a group if Accelerate is told so: cpu=True for plain data
+    # parallelism (launch/cpu.yaml), or the gloo backend named for DeepSpeed, which cpu=True would
+    # silently switch off. In a single process no backend may be named (there is no group to join).
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and deepspeed and not cuda else []
+    return Accelerator(
+        cpu=not cuda and not deepspeed,
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum,
+                                                                sync_with_dataloader=False),
+        kwargs_handlers=handlers,
+    )
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch: int, cfg: Config) -> None:
+    """Fill DeepSpeed's batch fields from our config: we pass no DataLoader for Accelerate to infer them."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, ours in (("train_micro_batch_size_per_gpu", micro_batch),
+                      ("gradient_accumulation_steps", cfg.train.grad_accum)):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = ours
+        elif int(ds[key]) != ours:
+            raise ConfigError(f"DeepSpeed config sets {key}={ds[key]} but the vwe config implies {ours} "
+                              f"(train.batch_size / processes / train.grad_accum)")
+    ds["train_batch_size"] = micro_batch * cfg.train.grad_accum * accelerator.num_processes
+
+
+def built_model_config(cfg: Config, accelerator: Accelerator) -> ModelConfig:
+    """The model section to build: DeepSpeed broadcasts parameters as byte views, which channels_last
+    weights do not allow, so it builds contiguous weights (a derived config; cfg is left as given)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.model.channels_last:
+        accelerator.print("note: model.channels_last is not used under DeepSpeed")
+        return dataclasses.replace(cfg.model, channels_last=False)
+    return cfg.model
+
+
+def build_parts(cfg: Config, accelerator: Accelerator) -> Parts:
+    """Model, SGD (backbone at lr, new layers at lr x head_lr_mult; docs/method.md) and the poly schedule
+    at step 0, prepared by Accelerate."""
+    world = accelerator.num_processes
+    micro_batch = micro_batch_size(cfg, world)
+    model_cfg = built_model_config(cfg, accelerator)
+    model = build_model(model_cfg)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    groups = param_groups(model, cfg.train.lr, cfg.train.head_lr_mult, cfg.train.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay)
+    configure_deepspeed(accelerator, micro_batch, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    net = accelerator.unwrap_model(model)
+    if hasattr(net, "_orig_mod"):  # torch.compile
+        net = net._orig_mod
+    steps_epoch = steps_per_epoch(cfg)
+    max_steps = cfg.train.max_steps or cfg.train.epochs * steps_epoch
+    # Not prepared by Accelerate (which would step it once per process): stepped once per optimizer
+    # step, it gives lr = base * poly(step) before the update of step+1, the numbers of the derived rule.
+    scheduler = LambdaLR(optimizer, lambda s: poly_factor(s, max_steps, cfg.train.poly_power))
+    # DeepSpeed runs bf16/fp16 by casting the weights (no autocast): inputs must match them
+    input_dtype = next(net.parameters()).dtype if accelerator.distributed_type == DistributedType.DEEPSPEED \
+        else torch.float32
+    return Parts(cfg=cfg, model_cfg=model_cfg, accelerator=accelerator, model=model, net=net,
+                 optimizer=optimizer, scheduler=scheduler, input_dtype=input_dtype, micro_batch=micro_batch,
+                 steps_per_epoch=steps_epoch, max_steps=max_steps)
