@@ -80,8 +80,13 @@ def save_checkpoint(accelerator, run_dir: Path, meta: dict, keep: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
 
     collective_call(prepare, main_only=True)
-    collective_call(write_state)
-    collective_call(commit, main_only=True)
+    try:
+        collective_call(write_state)
+        collective_call(commit, main_only=True)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
@@ -199,15 +204,30 @@ def load_checkpoint(accelerator, path: Path, model_cfg: dict) -> dict:
 
 
 def export_weights(state_dict: dict[str, torch.Tensor], config: dict, path: Path) -> str:
-    """Write final weights as one safetensors file with the resolved config; returns its SHA-256."""
+    """Write final weights as one safetensors file with the resolved config; returns its SHA-256.
+    An existing file holding the same tensors is kept (its hash is what CAMs made from it record)."""
     from safetensors.torch import save
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     bad = first_nonfinite(tensors.items())
     if bad is not None:
         raise CheckpointError(f"refusing to export {path}: tensor {bad} holds NaN or Inf")
+    if _same_tensors(path, tensors):
+        return file_sha256(path)  # same weights (a rerun of a finished run): keep the file and its hash
     data = save(tensors, metadata={"vwe_config": json.dumps(config)})
     atomic_write(path, data, "weights")
     return hashlib.sha256(data).hexdigest()
+
+
+def _same_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
+    from safetensors.torch import load_file
+    if not path.is_file():
+        return False
+    try:
+        old = load_file(str(path))
+    except Exception:  # unreadable: rewrite it
+        return False
+    return old.keys() == tensors.keys() and all(
+        old[k].dtype == t.dtype and old[k].shape == t.shape and torch.equal(old[k], t) for k, t in tensors.items())
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

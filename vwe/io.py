@@ -20,6 +20,10 @@ from typing import BinaryIO
 from vwe.errors import VweError
 
 
+_CAUSES = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+           errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
+
+
 class WriteError(VweError):
     """An output could not be written (read-only or full file system, permissions)."""
 
@@ -54,10 +58,13 @@ def writing(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        cause = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
-                 errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno,
-                                                                                              e.strerror)
-        raise WriteError(f"cannot write {what} {path}: {cause}") from e
+        raise WriteError(f"cannot write {what} {path}: {_CAUSES.get(e.errno, e.strerror)}") from e
+    except Exception as e:
+        # serializers (torch.save, safetensors) wrap the OS error in their own exception types
+        found = [text for code, text in _CAUSES.items() if os.strerror(code) in str(e)]
+        if isinstance(e, VweError) or not found:
+            raise
+        raise WriteError(f"cannot write {what} {path}: {found[0]}") from e
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None],

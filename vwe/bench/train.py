@@ -44,18 +44,6 @@ GPU_PEAK_TFLOPS = {"A100": {"bf16": 312.0, "fp16": 312.0, "no": 156.0},
 
 
 @dataclass
-class StepTimes:
-    """Seconds per timed step, by phase."""
-    forward: list[float] = field(default_factory=list)   # forward + loss
-    backward: list[float] = field(default_factory=list)
-    optimizer: list[float] = field(default_factory=list)  # step + zero_grad
-
-    def mean(self, phase: str) -> float:
-        values = getattr(self, phase)
-        return sum(values) / len(values)
-
-
-@dataclass
 class TrainFigures:
     """One configuration's figures (what `--json` writes, one per variant)."""
     variant: str
@@ -83,61 +71,48 @@ class TrainFigures:
 
 
 def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigures:
-    """Time `steps` training steps (after `warmup` untimed ones) in this process."""
-    from vwe.model.net import build_model, param_groups
+    """Time `steps` training steps (after `warmup` untimed ones) in this process, through the training
+    loop's own setup and `train_step` (same autocast, input casts and optimizer)."""
+    from vwe.training.setup import build_parts, make_accelerator
+    from vwe.training.step import PhaseTimer, train_step
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model).to(device).train()
-    opt = torch.optim.SGD(param_groups(model, cfg.train.lr, cfg.train.head_lr_mult, cfg.train.weight_decay),
-                          lr=cfg.train.lr, momentum=cfg.train.momentum)
+    bench_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=warmup + steps))
+    parts = build_parts(bench_cfg, accelerator, steps_epoch=warmup + steps)
     b, s = cfg.train.batch_size, cfg.data.crop_size
     batches, source = _input(cfg, device, warmup + steps)
     images, labels = next(batches)
-    flops = count_flops(model, normalize(images), labels, cfg.train.mixed_precision, device)
-    channels_last = cfg.model.channels_last
+    flops = count_flops(parts.net, normalize(images), labels, cfg.train.mixed_precision, device)
     synchronize(device)
     model_mem = peak_memory_mib(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    times = StepTimes()
+    timer = PhaseTimer()
     waits: list[float] = []
     for i in range(warmup + steps):
         tw = time.perf_counter()
         if i:
             images, labels = next(batches)
+        if i == warmup:
+            timer = PhaseTimer()  # drop the warm-up steps
+        timer.start()
         t0 = time.perf_counter()
-        x = normalize(images)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(cfg.train.mixed_precision, device):
-            out = model(x)
-            loss = model.losses(out, labels)["loss"]
-        synchronize(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        synchronize(device)
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        synchronize(device)
-        t3 = time.perf_counter()
-        if not torch.isfinite(loss):
+        losses = train_step(parts, {"image": images, "labels": labels}, mark=timer.mark)
+        if not torch.isfinite(losses["loss"]):
             print(f"warning: non-finite loss at step {i} (timings still valid)", file=sys.stderr)
         if i >= warmup:
             waits.append(t0 - tw)
-            times.forward.append(t1 - t0)
-            times.backward.append(t2 - t1)
-            times.optimizer.append(t3 - t2)
-    step = times.mean("forward") + times.mean("backward") + times.mean("optimizer")
+    step = timer.mean("forward") + timer.mean("backward") + timer.mean("optimizer")
     wait = sum(waits) / len(waits)
     peak = peak_tflops(device, cfg.train.mixed_precision)
     return TrainFigures(
         variant=variant, backbone=cfg.model.backbone, device=str(device), batch_size=b, crop_size=s,
         mixed_precision=cfg.train.mixed_precision, grad_checkpointing=cfg.model.grad_checkpointing,
-        steps=steps, img_per_s=b / (step + wait), step_s=step + wait, forward_s=times.mean("forward"),
-        backward_s=times.mean("backward"), optimizer_s=times.mean("optimizer"),
+        steps=steps, img_per_s=b / (step + wait), step_s=step + wait, forward_s=timer.mean("forward"),
+        backward_s=timer.mean("backward"), optimizer_s=timer.mean("optimizer"),
         peak_mem_mib=peak_memory_mib(device),
         mem_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
         model_mem_mib=model_mem, data_wait_s=wait, input=source, flops_per_step=flops, peak_tflops=peak,

@@ -119,9 +119,9 @@ def built_model_config(cfg: Config, accelerator: Accelerator) -> ModelConfig:
     return cfg.model
 
 
-def build_parts(cfg: Config, accelerator: Accelerator) -> Parts:
+def build_parts(cfg: Config, accelerator: Accelerator, steps_epoch: int | None = None) -> Parts:
     """Model, SGD (backbone at lr, new layers at lr x head_lr_mult; docs/method.md) and the poly schedule
-    at step 0, prepared by Accelerate."""
+    at step 0, prepared by Accelerate. `steps_epoch` defaults to the training split's (from its index)."""
     world = accelerator.num_processes
     micro_batch = micro_batch_size(cfg, world)
     model_cfg = built_model_config(cfg, accelerator)
@@ -136,7 +136,7 @@ def build_parts(cfg: Config, accelerator: Accelerator) -> Parts:
     net = accelerator.unwrap_model(model)
     if hasattr(net, "_orig_mod"):  # torch.compile
         net = net._orig_mod
-    steps_epoch = steps_per_epoch(cfg)
+    steps_epoch = steps_epoch or steps_per_epoch(cfg)
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_epoch
     # Not prepared by Accelerate (which would step it once per process): stepped once per optimizer
     # step, it gives lr = base * poly(step) before the update of step+1, the numbers of the derived rule.
