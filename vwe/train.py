@@ -58,6 +58,8 @@ class Trainer:
                 self.logger.print(line)
         if resumed:
             self.logger.print(f"resumed from {resumed.path} at step {self.state.step} (epoch {self.state.epoch})")
+        self._pending_skips = 0  # this rank's skipped samples since the last step
+        self._epoch_skips = 0    # all ranks' skipped samples this epoch
         self.preempt = PreemptionFlag().install()
         self._closers.append(self.preempt.restore)
 
@@ -91,9 +93,6 @@ class Trainer:
                 self._end_epoch()
         self._summary(self.checkpointer.finish(s))
         return 0
-
-    _pending_skips = 0   # this rank's skipped samples since the last step
-    _epoch_skips = 0     # all ranks' skipped samples this epoch
 
     def _batches(self) -> Iterator[dict]:
         """This rank's micro-batches of the current epoch from the saved position, timing the data wait."""
