@@ -21,6 +21,7 @@ def test_zero_two_processes_bf16(synthetic_shards, tmp_path, stage):
     cmd = launch_cmd(2, "train", "--config", str(REPO / "configs" / "demo.yaml"), *TINY,
                      f"data.root={synthetic_shards}", f"output.run_dir={run}", "train.max_steps=4",
                      "train.checkpoint_every=2", "train.mixed_precision=bf16", "model.norm=group",
+                     "model.channels_last=true",
                      launch_config=f"launch/deepspeed_zero{stage}.yaml")
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=900)
@@ -30,3 +31,7 @@ def test_zero_two_processes_bf16(synthetic_shards, tmp_path, stage):
     assert s["deepspeed"] == {"zero_stage": stage, "world_size": 2, "param_dtype": "torch.bfloat16"}
     assert s["processes"] == 2 and s["replicas_identical"] and s["batches_per_rank"] == [4, 4]
     assert (run / "checkpoints" / "step-000004").is_dir() and (run / "final" / "model.safetensors").is_file()
+    # the model is built contiguous under DeepSpeed, but the run's config is recorded as given
+    from vwe.checkpoint import load_weights
+    assert load_weights(run / "final" / "model.safetensors")[1]["model"]["channels_last"] is True
+    assert "channels_last: true" in (run / "config.yaml").read_text()
