@@ -27,4 +27,28 @@ def test_deepspeed_config(repo, stage):
     assert ds["deepspeed_multinode_launcher"] == "standard"
     settings = json.loads((repo / ds["deepspeed_config_file"]).read_text())
     assert settings["zero_optimization"]["stage"] == stage
-    assert isinstance(settings["train_micro_batch_size_per_gpu"], int)
+    assert settings["train_micro_batch_size_per_gpu"] == "auto"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (8, 1), (16, 1), (8, 2)])
+def test_deepspeed_batch_fields_fit_any_process_count(repo, stage, world, accum):
+    """The shipped JSON works at any process count: vwe fills the "auto" fields from train.batch_size."""
+    from vwe.config import load_config
+    from vwe.data.loader import micro_batch_size
+    from vwe.training.setup import deepspeed_batch_fields
+    cfg = load_config(repo / "configs" / "voc.yaml", [f"train.grad_accum={accum}"])
+    if 16 % (world * accum):
+        pytest.skip("batch 16 does not divide")
+    settings = json.loads((repo / "launch" / f"deepspeed_zero{stage}.json").read_text())
+    fields = deepspeed_batch_fields(settings, micro_batch_size(cfg, world), accum, world)
+    assert fields["train_batch_size"] == cfg.train.batch_size == 16
+    assert fields["train_micro_batch_size_per_gpu"] == 16 // (world * accum)
+    assert fields["gradient_accumulation_steps"] == accum
+
+
+def test_deepspeed_batch_field_that_disagrees_is_named():
+    from vwe.config import ConfigError
+    from vwe.training.setup import deepspeed_batch_fields
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=2 but the vwe config implies 1"):
+        deepspeed_batch_fields({"train_micro_batch_size_per_gpu": 2}, 1, 1, 16)

@@ -95,19 +95,27 @@ def make_accelerator(cfg: Config, logging_dir: str | None = None) -> Accelerator
     )
 
 
+def deepspeed_batch_fields(ds: dict, micro_batch: int, grad_accum: int, world: int) -> dict:
+    """DeepSpeed's batch fields filled from the vwe config where they say "auto" (or are absent); a value
+    that disagrees with train.batch_size / processes / train.grad_accum is a ConfigError."""
+    ours = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch * grad_accum * world}
+    out = {}
+    for key, value in ours.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and int(given) != value:
+            raise ConfigError(f"DeepSpeed config sets {key}={given} but the vwe config implies {value} "
+                              f"(train.batch_size / {world} processes / train.grad_accum); set it to \"auto\"")
+        out[key] = value
+    return out
+
+
 def configure_deepspeed(accelerator: Accelerator, micro_batch: int, cfg: Config) -> None:
     """Fill DeepSpeed's batch fields from our config: we pass no DataLoader for Accelerate to infer them."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    for key, ours in (("train_micro_batch_size_per_gpu", micro_batch),
-                      ("gradient_accumulation_steps", cfg.train.grad_accum)):
-        if ds.get(key, "auto") == "auto":
-            ds[key] = ours
-        elif int(ds[key]) != ours:
-            raise ConfigError(f"DeepSpeed config sets {key}={ds[key]} but the vwe config implies {ours} "
-                              f"(train.batch_size / processes / train.grad_accum)")
-    ds["train_batch_size"] = micro_batch * cfg.train.grad_accum * accelerator.num_processes
+    ds.update(deepspeed_batch_fields(ds, micro_batch, cfg.train.grad_accum, accelerator.num_processes))
 
 
 def built_model_config(cfg: Config, accelerator: Accelerator) -> ModelConfig:
