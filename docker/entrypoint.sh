@@ -15,6 +15,13 @@ if [ -z "${VWE_HOME:-}" ]; then
 fi
 export VWE_HOME
 python="${VWE_PYTHON:-python3}"
+# Caches (torch hub, triton, inductor, matplotlib) live under $HOME. Under `docker run --user <uid>` or a
+# read-only image there may be no writable home: use a private folder in $TMPDIR instead.
+if [ -z "${HOME:-}" ] || [ ! -w "${HOME}" ]; then
+    HOME="${TMPDIR:-/tmp}/vwe-home-$(id -u)"
+    mkdir -p "$HOME"
+    export HOME
+fi
 # The vwe subcommands (kept equal to vwe/cli.py's; a test checks).
 SUBCOMMANDS=(synth prepare train infer evaluate pipeline visualize demo bench doctor)
 

@@ -13,7 +13,8 @@
 #   VWE_MASTER_ADDR/VWE_PORT  rendezvous address/port; default: the head node's NodeAddr and
 #                         20000 + job id mod 20000
 #   VWE_LOG_DIR           per-rank logs: $VWE_LOG_DIR/<job id>/run<restart count>/node<node id>/
-#                         <torchrun run>/attempt_0/<local rank>/{stdout,stderr}.log (default: logs)
+#                         <torchrun run>/attempt_0/<local rank>/{stdout,stderr}.log
+#                         (default: $VWE_RUN_DIR/logs, or runs/logs; never inside the installation)
 #   VWE_PYTHON            the Python that has vwe installed (default: python3)
 #   VWE_ACCELERATE_ARGS   extra `accelerate launch` flags (word-split)
 #
@@ -82,7 +83,7 @@ fi
 is_host=0
 [ "$node_rank" != 0 ] || is_host=1
 
-log_dir="${VWE_LOG_DIR:-logs}/$job_id/run${SLURM_RESTART_COUNT:-0}/node$node_rank"
+log_dir="${VWE_LOG_DIR:-${VWE_RUN_DIR:-runs}/logs}/$job_id/run${SLURM_RESTART_COUNT:-0}/node$node_rank"
 mkdir -p "$log_dir"
 
 # shellcheck disable=SC2206  # VWE_ACCELERATE_ARGS is a flag list, split on purpose
