@@ -1,4 +1,5 @@
 """`vwe` subcommands. Thin: parse arguments, load the config, call one function."""
+# The parser's help texts are for users; this module's docstring is not shown.
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,21 @@ from vwe.config import Config, load_config
 from vwe.errors import VweError
 
 
+DESCRIPTION = """\
+vwe trains the visual-word CAM network for weakly-supervised semantic segmentation (VWE, IJCAI 2021;
+VWL-L/VWL-M, IJCV 2022), infers multi-scale CAMs and scores them, on one machine or a SLURM cluster.
+
+Quick start: `vwe demo` runs the whole pipeline on synthetic data.
+Settings: every subcommand with --config takes key.sub=value overrides; `vwe config keys` lists them,
+`vwe config show --config FILE [key=value ...]` prints the resolved config with each key explained."""
+
+SETTINGS_EPILOG = ("Overrides are key.sub=value (e.g. train.lr=0.02 'data.long_side=[64,96]'). "
+                   "List every setting with `vwe config keys [SECTION]`; print the resolved config with "
+                   "`vwe config show --config FILE [overrides]`.")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="experiment YAML file")
+    p.add_argument("--config", required=True, help="experiment YAML file (e.g. configs/voc.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -73,6 +87,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor(timeout_s=args.timeout, hold_s=args.hold) or 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from vwe.configdoc import keys_table, render_config
+    if args.action == "show":
+        if not args.config:
+            raise VweError("vwe config show needs --config FILE")
+        sys.stdout.write(render_config(_config(args)))
+    else:
+        if args.overrides[1:]:
+            raise VweError("vwe config keys takes at most one section name")
+        sys.stdout.write(keys_table(args.overrides[0] if args.overrides else None))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
     cfg = _config(args)
@@ -81,8 +108,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vwe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from vwe import __version__
+    parser = argparse.ArgumentParser(prog="vwe", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vwe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     p = sub.add_parser("synth", help="write a synthetic VOCdevkit-style data set")
     p.add_argument("--out", required=True)
@@ -103,11 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in [("train", cmd_train, "train the CAM network"),
                              ("infer", cmd_infer, "multi-scale CAM inference, sharded over ranks"),
                              ("pipeline", cmd_pipeline, "train, infer and evaluate in one launch")]:
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, description=text, epilog=SETTINGS_EPILOG)
         _add_config_args(p)
         p.set_defaults(func=func)
 
-    p = sub.add_parser("evaluate", help="CAM mIoU against the ground-truth masks")
+    p = sub.add_parser("evaluate", help="CAM mIoU against the ground-truth masks", epilog=SETTINGS_EPILOG)
     _add_config_args(p)
     p.add_argument("--sweep", action="store_true", help="also sweep the background threshold")
     p.set_defaults(func=cmd_evaluate)
@@ -129,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the check, keep the ranks alive this long; SIGUSR1/SIGTERM then makes them "
                         "exit with the preemption code 75 (rehearses preemption and requeue on a cluster)")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("config", help="show the resolved config, or list every setting",
+                       description="`show --config FILE [key=value ...]`: the resolved config as YAML, each key "
+                                   "with its doc. `keys [SECTION]`: every setting with type, default and "
+                                   "allowed values.")
+    p.add_argument("action", choices=["show", "keys"])
+    p.add_argument("--config", default=None, help="experiment YAML file (for show)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value | SECTION",
+                   help="show: config overrides; keys: a section name (data, model, train, ...)")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="throughput, memory and MFU figures")
     p.add_argument("what", choices=["data", "train", "infer", "eval"])

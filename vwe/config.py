@@ -68,23 +68,24 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _opt(6, min=1)
-    max_steps: int = _opt(0, min=0, doc="0: epochs x steps per epoch")
+    epochs: int = _opt(6, min=1, doc="passes over the training split (when max_steps is 0)")
+    max_steps: int = _opt(0, min=0, doc="optimizer steps; 0: epochs x steps per epoch")
     batch_size: int = _opt(16, min=1, doc="global batch (all processes, all accumulation steps)")
-    grad_accum: int = _opt(1, min=1)
+    grad_accum: int = _opt(1, min=1, doc="micro-batches accumulated per optimizer step")
     lr: float = _opt(0.01, min=0.0, doc="backbone learning rate")
     head_lr_mult: float = _opt(10.0, min=0.0, doc="new layers learn at lr x this")
-    momentum: float = _opt(0.9, min=0.0, max=1.0)
-    weight_decay: float = _opt(1e-4, min=0.0)
-    poly_power: float = _opt(0.9, min=0.0)
-    mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"))
+    momentum: float = _opt(0.9, min=0.0, max=1.0, doc="SGD momentum (the published code ran with ~0: docs/training.md)")
+    weight_decay: float = _opt(1e-4, min=0.0, doc="SGD weight decay, every trained parameter")
+    poly_power: float = _opt(0.9, min=0.0, doc="lr x (1 - step / max_steps) ** poly_power")
+    mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"),
+                                doc="autocast precision (fp16 needs a GPU; bf16 is fast only where native)")
     compile: bool = _opt(False, doc="torch.compile the model")
-    seed: int = _opt(0, min=0)
-    deterministic: bool = _opt(False, doc="deterministic algorithms (exact resume)")
-    log_every: int = _opt(10, min=1)
+    seed: int = _opt(0, min=0, doc="seed of the model initialisation and of every sample's augmentation")
+    deterministic: bool = _opt(False, doc="deterministic algorithms (bit-exact resume)")
+    log_every: int = _opt(10, min=1, doc="steps between metrics records and progress lines")
     checkpoint_every: int = _opt(200, min=0, doc="steps between checkpoints; 0 = only at the end")
-    keep_checkpoints: int = _opt(3, min=1)
-    resume: str = _opt("auto", doc="auto | none | path to a checkpoint folder")
+    keep_checkpoints: int = _opt(3, min=1, doc="newest checkpoints kept")
+    resume: str = _opt("auto", doc="auto (newest verified checkpoint) | none | path to a checkpoint folder")
     resume_changed: str = _opt("error", choices=("error", "allow"),
                                doc="resume with settings that change the result: refuse, or allow and record")
 
@@ -112,8 +113,8 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    run_dir: str = _opt("runs/default")
-    tensorboard: bool = _opt(True)
+    run_dir: str = _opt("runs/default", doc="where checkpoints, weights, CAMs, reports and logs go")
+    tensorboard: bool = _opt(True, doc="TensorBoard event files under <run_dir>/tb")
 
 
 @dataclass
