@@ -191,11 +191,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from vwe.runlog import quiet_third_party, run_log
+    quiet_third_party()
+    with run_log(_run_dir(args) if args.command in LOGGED_COMMANDS else None, args.command):
+        try:
+            return int(args.func(args) or 0)
+        except VweError as e:
+            print(f"vwe {args.command}: error: {e}", file=sys.stderr)
+            return 2
+
+
+# Commands whose output is kept as <run_dir>/<command>.log (docs/training.md, "Seeing it run").
+LOGGED_COMMANDS = ("train", "infer", "evaluate", "pipeline", "refine")
+
+
+def _run_dir(args: argparse.Namespace) -> str | None:
     try:
-        return int(args.func(args) or 0)
-    except VweError as e:
-        print(f"vwe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _config(args).output.run_dir
+    except VweError:
+        return None  # the command itself reports the config error
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg, self.run_dir = cfg, Path(cfg.output.run_dir)
         self.accelerator = make_accelerator(cfg)
+        set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
+        self.parts = build_parts(cfg, self.accelerator)  # data and model checks: nothing written yet
         self._closers: list = []
         lock = RunLock(self.run_dir, "vwe train")
         note = collective_call(lambda: lock.acquire().note, main_only=True)
@@ -46,8 +48,6 @@ class Trainer:
 
     def _setup(self, cfg: Config, lock_note: str | None) -> None:
         resumed = choose_checkpoint(cfg, self.run_dir, self.accelerator.num_processes)
-        set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
-        self.parts = build_parts(cfg, self.accelerator)
         self.checkpointer = Checkpointer(self.parts, self.run_dir, resumed)
         self.state = self.checkpointer.load(resumed) if resumed else TrainState()
         collective_call(lambda: save_config(cfg, self.run_dir / "config.yaml"), main_only=True)
