@@ -167,7 +167,8 @@ def test_bad_cams_exit_2_naming_the_file(synthetic_shards, samples, tmp_path):
     assert "2 CAM problem(s)" in proc.stderr and f"CAM file {missing}: not found" in proc.stderr
     assert f"{samples[4]['key']}.npz: size" in proc.stderr and "differs from its image" in proc.stderr
     assert "Traceback" not in proc.stderr and not (labels / "report.json").exists()
-    proc = run_vwe("refine", *_args(synthetic_shards, tmp_path / "nowhere", labels), check=False)
+    proc = run_vwe("refine", *_args(synthetic_shards, tmp_path / "nowhere", labels, "refine.method=threshold"),
+                   check=False)
     assert proc.returncode == 2 and f"CAM folder {tmp_path / 'nowhere'} does not exist" in proc.stderr
 
 
