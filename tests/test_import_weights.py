@@ -20,7 +20,9 @@ import torchvision
 from conftest import REPO, run_vwe
 from vwe.checkpoint import load_weights
 from vwe.config import load_config
-from vwe.import_weights import SOURCES, WeightsImportError, convert, recipe_config, to_authors
+from vwe import cli
+from vwe.import_weights import (SOURCES, WeightsImportError, canonical_name, convert, import_weights, recipe_config,
+                                to_authors)
 from vwe.infer import load_cam_model
 from vwe.model.net import build_model
 
@@ -80,7 +82,6 @@ def test_mapping_matches_the_published_key_list():
         assert {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in generated.items()} == keys
         # a file built from the list alone (random values, aliases sharing their tensor) converts
         shared: dict = {}
-        from vwe.import_weights import canonical_name
         authors = {}
         for key, (shape, dtype) in keys.items():
             name = canonical_name(key, source)
@@ -101,6 +102,7 @@ def test_round_trip(source):
     assert all(torch.equal(out[k], state[k]) for k in out)
 
 
+@pytest.mark.filterwarnings("ignore:model.pretrained=none")
 def test_cli_import_then_cams_equal_the_published_forward(vwe2021, tmp_path):
     state, authors = vwe2021
     pth, out = tmp_path / "vwe_2021.pth", tmp_path / "vwe_2021.safetensors"
@@ -189,7 +191,7 @@ def test_refuses_shapes_aliases_missing_and_unknown_keys(vwe2021):
     assert "1 keys not in the published network:\n  module.resnet.fc.weight" in msg
 
 
-def test_wrong_variant_and_bad_files_exit_2(vwe2021, tmp_path):
+def test_wrong_variant_and_bad_files_exit_2(vwe2021, tmp_path, capsys):
     _, authors = vwe2021
     pth = tmp_path / "w.pth"
     torch.save(authors, pth)
@@ -202,13 +204,13 @@ def test_wrong_variant_and_bad_files_exit_2(vwe2021, tmp_path):
 
     import pickle
     (tmp_path / "obj.pth").write_bytes(pickle.dumps({"weights": object()}))
-    proc = run_vwe("import-weights", "--from", "vwe-2021", str(tmp_path / "obj.pth"), "--out",
-                   str(tmp_path / "o.safetensors"), check=False)
-    assert proc.returncode == 2 and f"weights file {tmp_path / 'obj.pth'}: unreadable" in proc.stderr
     torch.save({"epoch": torch.tensor(3), "state_dict": {"a": torch.zeros(1)}}, tmp_path / "nested.pth")
-    proc = run_vwe("import-weights", "--from", "vwe-2021", str(tmp_path / "nested.pth"), "--out",
-                   str(tmp_path / "o.safetensors"), check=False)
-    assert proc.returncode == 2 and "not a state dict" in proc.stderr
+    for name, message in (("obj.pth", f"weights file {tmp_path / 'obj.pth'}: unreadable"),
+                          ("nested.pth", f"weights file {tmp_path / 'nested.pth'}: not a state dict"),
+                          ("none.pth", f"weights file {tmp_path / 'none.pth'} not found")):
+        assert cli.main(["import-weights", "--from", "vwe-2021", str(tmp_path / name), "--out",
+                         str(tmp_path / "o.safetensors")]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_memory_bank_codebook(tmp_path):
@@ -223,12 +225,10 @@ def test_memory_bank_codebook(tmp_path):
     assert not bool(weights["codebook.initialised"]) and config["model"]["codebook"] == "memory"
     bank = np.random.default_rng(0).standard_normal((256, 2048, 1, 1)).astype(np.float32)
     np.save(tmp_path / "bank.npy", bank)
-    run_vwe("import-weights", "--from", "vwl-m", str(pth), "--out", str(tmp_path / "m2.safetensors"),
-            "--codebook", str(tmp_path / "bank.npy"))
+    import_weights("vwl-m", pth, tmp_path / "m2.safetensors", codebook=tmp_path / "bank.npy")
     weights, _ = load_weights(tmp_path / "m2.safetensors")
     assert bool(weights["codebook.initialised"])
     np.testing.assert_array_equal(weights["codebook.weight"].numpy(), bank[:, :, 0, 0])
     np.save(tmp_path / "short.npy", bank[:10])
-    proc = run_vwe("import-weights", "--from", "vwl-m", str(pth), "--out", str(tmp_path / "m3.safetensors"),
-                   "--codebook", str(tmp_path / "short.npy"), check=False)
-    assert proc.returncode == 2 and "shape (10, 2048), expected (256, 2048)" in proc.stderr
+    with pytest.raises(WeightsImportError, match=r"short.npy: shape \(10, 2048\), expected \(256, 2048\)"):
+        import_weights("vwl-m", pth, tmp_path / "m3.safetensors", codebook=tmp_path / "short.npy")

@@ -1,6 +1,6 @@
 """Convert the authors' released state dicts (VWE 2021, VWL-L, VWL-M) into a vwe weights file.
 
-The published networks keep the same tensors under several names (docs/method.md, "The authors'
+The published networks keep the same tensors under several names (docs/refine.md, "The authors'
 weights"): the torchvision ResNet (`resnet.*`), its stages (`stage1..4.*`), the stages again
 (`backbone.<i>.*`), the heads (`classifier`, `fc_a`, `fc_b`, `VWE.centroid`) and the heads again
 (`newly_added.<i>.*`); files saved from nn.DataParallel prefix every key with `module.`. Every alias is
