@@ -1,4 +1,4 @@
-"""The training loop of METHOD.md on Accelerate.
+"""The training loop of docs/method.md on Accelerate.
 
 config -> data -> model -> SGD -> poly schedule -> steps with gradient accumulation -> log -> checkpoint.
 Resumes from the newest complete checkpoint, checkpoints and exits with PREEMPT_EXIT_CODE on
@@ -115,7 +115,7 @@ def train(cfg: Config) -> int:
         save_config(cfg, run_dir / "config.yaml")
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
 
-    # model and optimizer: backbone at lr, new layers at lr x head_lr_mult (METHOD.md)
+    # model and optimizer: backbone at lr, new layers at lr x head_lr_mult (docs/method.md)
     model = build_model(cfg.model)  # channels_last weights when cfg.model.channels_last
     if cfg.train.compile:
         model = torch.compile(model)
