@@ -191,3 +191,27 @@ def test_two_processes_write_the_same_pngs(synthetic_shards, samples, tmp_path):
     manifests = sorted((tmp_path / "labels2").glob("manifest-rank*.json"))
     ids = [set(json.loads(m.read_text())["ids"]) for m in manifests]
     assert len(ids) == 2 and not ids[0] & ids[1] and len(ids[0] | ids[1]) == 48
+
+
+@needs_crf
+def test_crf_labels_function():
+    from vwe.config import RefineConfig
+    from vwe.refine import crf_labels, crf_probabilities, threshold_labels
+    rng = np.random.default_rng(0)
+    high = rng.random((2, 30, 41)).astype(np.float16)
+    p = crf_probabilities(high, 0.15)
+    assert p.shape == (3, 30, 41) and p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(axis=0), 1.0, rtol=1e-6)
+    image = np.zeros((30, 41, 3), np.uint8)
+    image[:, 20:] = 200  # two flat regions: the CRF labels follow the colour edge
+    image.flags.writeable = False  # decoded images may be read-only views
+    high = np.zeros((2, 30, 41), np.float32)
+    high[0, :, :18] = 0.9  # class evidence ending 2 px short of the edge
+    high[1, :, 22:] = 0.9  # and starting 2 px after it
+    label = crf_labels(image, high, np.array([3, 11]), RefineConfig())
+    assert label.dtype == np.uint8 and set(np.unique(label).tolist()) <= {0, 4, 12}
+    assert (label[:, :20] == 4).all() and (label[:, 20:] == 12).all()  # the gap goes to the colour edge
+    assert (threshold_labels(high, np.array([3, 11]), 0.15)[:, 18:22] == 0).all()  # without the CRF: background
+    assert crf_labels(image, high[:0], np.array([], np.int64), RefineConfig()).max() == 0
+    with pytest.raises(ValueError, match="does not match"):
+        crf_labels(image[:, :40], high, np.array([3, 11]), RefineConfig())

@@ -74,8 +74,9 @@ def crf_labels(image: np.ndarray, high_res: np.ndarray, keys: np.ndarray, rc: Re
     crf = dcrf.DenseCRF2D(w, h, k + 1)
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(crf_probabilities(high_res, rc.bkg))))
     crf.addPairwiseGaussian(sxy=rc.gaussian_sxy, compat=rc.gaussian_compat)
-    crf.addPairwiseBilateral(sxy=rc.bilateral_sxy, srgb=rc.bilateral_srgb, rgbim=np.ascontiguousarray(image),
-                             compat=rc.bilateral_compat)
+    # the extension wants C-contiguous, writable buffers (a read-only array is refused)
+    crf.addPairwiseBilateral(sxy=rc.bilateral_sxy, srgb=rc.bilateral_srgb,
+                             rgbim=np.require(image, requirements=("C", "W")), compat=rc.bilateral_compat)
     q = np.asarray(crf.inference(rc.iterations), dtype=np.float32).reshape(k + 1, h, w)
     lut = np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1]).astype(np.uint8)
     return lut[np.argmax(q, axis=0)]
