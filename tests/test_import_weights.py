@@ -152,9 +152,10 @@ def test_infer_and_evaluate_with_imported_weights(vwe2021, synthetic_shards, tmp
     for name in ("a", "direct"):
         run = [*common, f"infer.checkpoint={tmp_path / name}.safetensors", f"output.run_dir={tmp_path / name}"]
         run_vwe("infer", *run)
-        run_vwe("evaluate", *run)
-        report = json.loads((tmp_path / name / "eval" / "report.json").read_text())
-        assert report["num_images"] == 12 and 0.0 <= report["miou"] <= 1.0
+        if name == "a":
+            run_vwe("evaluate", *run)
+            report = json.loads((tmp_path / name / "eval" / "report.json").read_text())
+            assert report["num_images"] == 12 and 0.0 <= report["miou"] <= 1.0
         cams[name] = {p.name: np.load(p) for p in sorted((tmp_path / name / "cams").glob("*.npz"))}
     assert len(cams["a"]) == 12 and cams["a"].keys() == cams["direct"].keys()
     for key in cams["a"]:
