@@ -1,4 +1,4 @@
-"""HSPP against a direct loop implementation of METHOD.md's formula."""
+"""HSPP against a direct loop implementation of docs/method.md's formula."""
 import pytest
 import torch
 

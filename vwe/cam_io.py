@@ -2,7 +2,7 @@
 
 NumPy .npz without pickle; written atomically so an interrupted inference never leaves a file that
 looks complete. `export_legacy` writes the older pickled-dict `.npy` files that IRNet-style refinement
-tools read.
+tools read (with `cam` a torch tensor, as they expect).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vwe.errors import DataError
 from vwe.io import atomic_write
@@ -61,13 +62,20 @@ def read_cam(path: Path, num_classes: int = 20) -> CamRecord:
     return rec
 
 
+def legacy_item(rec: CamRecord) -> dict:
+    """The seed/IRNet per-image dict: `keys` NumPy int64, `cam` a torch float32 tensor (IRNet's label step
+    calls `.cuda()` on it), `high_res` NumPy float32."""
+    return {"keys": np.asarray(rec.keys, dtype=np.int64),
+            "cam": torch.from_numpy(np.ascontiguousarray(rec.cam, dtype=np.float32)),
+            "high_res": np.ascontiguousarray(rec.high_res, dtype=np.float32)}
+
+
 def export_legacy(cam_dir: Path, out_dir: Path) -> int:
-    """Write `<id>.npy` pickled dicts {keys, cam, high_res} (float32) for IRNet-style tools; returns the count."""
+    """Write `<id>.npy` pickled dicts (see `legacy_item`) for IRNet-style tools; returns the count."""
     out_dir.mkdir(parents=True, exist_ok=True)
     n = 0
     for path in sorted(cam_dir.glob("*.npz")):
-        rec = read_cam(path)
-        item = {"keys": rec.keys, "cam": rec.cam.astype(np.float32), "high_res": rec.high_res.astype(np.float32)}
+        item = legacy_item(read_cam(path))
         atomic_write(out_dir / f"{path.stem}.npy", lambda f: np.save(f, item, allow_pickle=True), "CAM export")
         n += 1
     return n

@@ -64,6 +64,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return evaluate(cfg, sweep=args.sweep) or 0
 
 
+def cmd_refine(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from vwe.refine import refine
+    return refine(cfg) or 0
+
+
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    from vwe.import_weights import import_weights
+    import_weights(args.source, Path(args.file), Path(args.out),
+                   codebook=Path(args.codebook) if args.codebook else None)
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from vwe.pipeline import run_pipeline
@@ -141,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--sweep", action="store_true", help="also sweep the background threshold")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("refine", help="pseudo-label PNGs from CAMs (DenseCRF or threshold), with their mIoU")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("import-weights", help="convert the authors' released weights into a vwe weights file")
+    p.add_argument("--from", dest="source", required=True, choices=["vwe-2021", "vwl-l", "vwl-m"],
+                   help="which published network the file holds")
+    p.add_argument("file", help="the authors' state dict (.pth)")
+    p.add_argument("--out", required=True, help="vwe weights file to write (.safetensors)")
+    p.add_argument("--codebook", default=None,
+                   help="(vwl-m) the memory-bank codebook .npy saved beside the weights, (K, D) or (K, D, 1, 1)")
+    p.set_defaults(func=cmd_import_weights)
 
     p = sub.add_parser("visualize", help="picture grid: image, ground truth, CAMs, prediction")
     _add_config_args(p)

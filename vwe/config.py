@@ -112,6 +112,22 @@ class EvalConfig:
 
 
 @dataclass
+class RefineConfig:
+    method: str = _opt("crf", choices=("crf", "threshold"),
+                       doc="DenseCRF on the CAMs (extension's script), or the plain background-score argmax")
+    cam_dir: str = _opt("", doc="CAM folder to refine; empty: the run's (infer.out_dir or <run_dir>/cams)")
+    out_dir: str = _opt("", doc="label PNG folder; empty: <run_dir>/pseudo_labels")
+    bkg: float = _opt(0.15, min=0.0, max=1.0, doc="background score (0.15 in the published CRF script)")
+    gaussian_sxy: float = _opt(1.0, min=0.0, doc="CRF Gaussian (smoothness) kernel: spatial std in pixels")
+    gaussian_compat: float = _opt(3.0, min=0.0, doc="CRF Gaussian kernel weight (Potts compatibility)")
+    bilateral_sxy: float = _opt(64.0, min=0.0, doc="CRF bilateral (appearance) kernel: spatial std in pixels")
+    bilateral_srgb: float = _opt(3.0, min=0.0, doc="CRF bilateral kernel: colour std in RGB levels")
+    bilateral_compat: float = _opt(4.0, min=0.0, doc="CRF bilateral kernel weight (Potts compatibility)")
+    iterations: int = _opt(10, min=1, doc="CRF mean-field iterations")
+    color: bool = _opt(True, doc="also write VOC-palette colour PNGs into <out_dir>/color")
+
+
+@dataclass
 class OutputConfig:
     run_dir: str = _opt("runs/default", doc="where checkpoints, weights, CAMs, reports and logs go")
     tensorboard: bool = _opt(True, doc="TensorBoard event files under <run_dir>/tb")
@@ -124,6 +140,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:

@@ -1,4 +1,4 @@
-"""Multi-scale + flip CAM inference (METHOD.md), each rank on a disjoint part of the split.
+"""Multi-scale + flip CAM inference (docs/method.md), each rank on a disjoint part of the split.
 
 Only the CAM path runs (backbone + classifier). Images of equal size are batched with their flips.
 One `<id>.npz` per image is written atomically; a re-run skips images already done with the same

@@ -2,7 +2,7 @@
 
 Batches stay uint8 from the shard to the device (4x less to copy than float32). Where a crop is larger
 than the resized image, the padding is the ImageNet mean colour, which `normalize` maps to about 0: the
-uint8 equivalent of METHOD.md's zero padding after normalisation.
+uint8 equivalent of docs/method.md's zero padding after normalisation.
 """
 from __future__ import annotations
 

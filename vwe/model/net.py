@@ -1,4 +1,4 @@
-"""The visual-word CAM network (METHOD.md): backbone -> HSPP classifier, word histogram head, word head."""
+"""The visual-word CAM network (docs/method.md): backbone -> HSPP classifier, word histogram head, word head."""
 from __future__ import annotations
 
 import torch

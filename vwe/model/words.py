@@ -1,4 +1,4 @@
-"""Visual words (METHOD.md): soft assignment of features to a codebook, word histogram, word labels;
+"""Visual words (docs/method.md): soft assignment of features to a codebook, word histogram, word labels;
 the learned codebook (VWE / VWL-L) and the memory-bank codebook (VWL-M)."""
 from __future__ import annotations
 

@@ -1,0 +1,262 @@
+"""Pseudo labels from CAMs (docs/method.md, "CRF refinement"): DenseCRF or the background-score argmax.
+
+Each rank takes its part of `data.infer_split` (the inference split, every image exactly once), reads the
+image's CAM, writes `<out_dir>/<id>.png` (index PNG, values 0..20) and optionally a VOC-palette colour
+copy in `<out_dir>/color/`, and scores the labels against the split's masks. Every PNG carries, in a text
+chunk, the SHA-256 of the CAM file and the settings it was made with: a re-run skips images whose PNG
+matches both and redoes the rest. Rank 0 writes `report.json` and `report.md`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from vwe.cam_io import cam_dir_for, read_cam
+from vwe.config import Config, RefineConfig
+from vwe.data.loader import infer_samples
+from vwe.data.voc import voc_palette
+from vwe.dist import all_reduce_sum, distributed_state, gather_objects
+from vwe.errors import DataError, VweError
+from vwe.io import atomic_write, file_sha256
+from vwe.metrics import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
+    pixel_accuracy
+
+NUM_LABELS = 21  # background + 20 VOC classes
+SOURCE_KEY = "vwe_source"  # PNG text chunk: the CAM's hash and the settings the labels were made with
+CRF_EXTRA = "pip install 'vwe[crf]' (pydensecrf2), or use refine.method=threshold"
+
+
+def label_dir_for(cfg: Config) -> Path:
+    """Where the label PNGs go: `refine.out_dir`, or `<run_dir>/pseudo_labels`."""
+    return Path(cfg.refine.out_dir) if cfg.refine.out_dir else Path(cfg.output.run_dir) / "pseudo_labels"
+
+
+def refine_cam_dir(cfg: Config) -> Path:
+    """The CAMs to refine: `refine.cam_dir`, or the run's CAM folder."""
+    return Path(cfg.refine.cam_dir) if cfg.refine.cam_dir else cam_dir_for(cfg)
+
+
+def settings(rc: RefineConfig) -> dict:
+    """The settings a label map depends on (the CRF ones only for the CRF)."""
+    out = {"method": rc.method, "bkg": rc.bkg}
+    if rc.method == "crf":
+        out.update(gaussian_sxy=rc.gaussian_sxy, gaussian_compat=rc.gaussian_compat,
+                   bilateral_sxy=rc.bilateral_sxy, bilateral_srgb=rc.bilateral_srgb,
+                   bilateral_compat=rc.bilateral_compat, iterations=rc.iterations)
+    return out
+
+
+def crf_probabilities(high_res: np.ndarray, bkg: float) -> np.ndarray:
+    """Softmax over channels of the stack (constant `bkg`, the k CAMs): (k+1, H, W) float32."""
+    k, h, w = high_res.shape
+    logits = np.concatenate([np.full((1, h, w), bkg, np.float32), high_res.astype(np.float32)])
+    e = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+def crf_labels(image: np.ndarray, high_res: np.ndarray, keys: np.ndarray, rc: RefineConfig) -> np.ndarray:
+    """DenseCRF label map (H, W) uint8 from an (H, W, 3) uint8 RGB image and its (k, H, W) CAMs:
+    unary -log(softmax), a Gaussian and a bilateral Potts kernel, `rc.iterations` mean-field steps;
+    channel 0 -> background, channel i -> keys[i-1] + 1."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+    k, h, w = high_res.shape
+    if image.shape != (h, w, 3) or image.dtype != np.uint8:
+        raise ValueError(f"image {image.shape} {image.dtype} does not match CAMs {high_res.shape}")
+    if k == 0:  # no positive class: background is the only label
+        return np.zeros((h, w), np.uint8)
+    crf = dcrf.DenseCRF2D(w, h, k + 1)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(crf_probabilities(high_res, rc.bkg))))
+    crf.addPairwiseGaussian(sxy=rc.gaussian_sxy, compat=rc.gaussian_compat)
+    # the extension wants C-contiguous, writable buffers (a read-only array is refused)
+    crf.addPairwiseBilateral(sxy=rc.bilateral_sxy, srgb=rc.bilateral_srgb,
+                             rgbim=np.require(image, requirements=("C", "W")), compat=rc.bilateral_compat)
+    q = np.asarray(crf.inference(rc.iterations), dtype=np.float32).reshape(k + 1, h, w)
+    lut = np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1]).astype(np.uint8)
+    return lut[np.argmax(q, axis=0)]
+
+
+def threshold_labels(high_res: np.ndarray, keys: np.ndarray, bkg: float) -> np.ndarray:
+    """The evaluation's label map (constant background score, argmax) as (H, W) uint8."""
+    return cam_to_label(high_res, keys, bkg).astype(np.uint8)
+
+
+def encode_label_png(label: np.ndarray, source: str, palette: bool) -> bytes:
+    """An index PNG (mode L), or with `palette` a VOC-colour PNG (mode P, same index values)."""
+    im = Image.fromarray(label.astype(np.uint8), mode="P" if palette else "L")
+    if palette:
+        im.putpalette(voc_palette())
+    info = PngImagePlugin.PngInfo()
+    info.add_text(SOURCE_KEY, source)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_label_png(path: Path) -> tuple[np.ndarray, str] | None:
+    """(label map, its source text), or None when the file is absent or unreadable (then it is redone)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im, dtype=np.uint8), im.text.get(SOURCE_KEY, "")
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def check_crf_available() -> None:
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        raise VweError(f"refine.method=crf needs the pydensecrf module: {CRF_EXTRA}") from None
+
+
+def _refine_part(cfg: Config, rank: int, world: int, cam_dir: Path, out_dir: Path) -> dict:
+    """This rank's labels: written or found up to date, scored; problems collected (not raised), so every
+    rank reaches the collectives and the error lists them all."""
+    rc = cfg.refine
+    fingerprint = settings(rc)
+    conf = np.zeros((NUM_LABELS, NUM_LABELS), np.int64)
+    base = np.zeros_like(conf)  # the threshold labels at the same bkg: what the CRF changed
+    counts = {"written": 0, "already_done": 0, "stale_replaced": 0, "no_mask": 0, "corrupt_skipped": 0}
+    problems: list[str] = []
+    by_checkpoint: dict[str, list[str]] = defaultdict(list)
+    written: list[str] = []
+    for sample in infer_samples(cfg, rank, world, with_scales=False, with_image=rc.method == "crf"):
+        counts["corrupt_skipped"] += sample.get("skipped", 0)
+        key = sample["key"]
+        cam_path = cam_dir / f"{key}.npz"
+        if not cam_path.exists():
+            problems.append(f"CAM file {cam_path}: not found (image {key!r} of split '{cfg.data.infer_split}')")
+            continue
+        try:
+            rec = read_cam(cam_path, num_classes=NUM_LABELS - 1)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        if rec.high_res.shape[1:] != tuple(sample["size"]):
+            problems.append(f"CAM file {cam_path}: size {rec.high_res.shape[1:]} differs from its image "
+                            f"{tuple(sample['size'])}")
+            continue
+        by_checkpoint[rec.checkpoint].append(key)
+        if problems:
+            continue  # the run fails: only check the rest, so the error lists every bad file
+        source = json.dumps({"cam_sha256": file_sha256(cam_path), **fingerprint}, sort_keys=True)
+        png, color = out_dir / f"{key}.png", out_dir / "color" / f"{key}.png"
+        found = read_label_png(png)
+        if found is not None and found[1] == source and (not rc.color or color.exists()):
+            label = found[0]
+            counts["already_done"] += 1
+        else:
+            if png.exists():
+                counts["stale_replaced"] += 1
+            if rc.method == "crf":
+                image = sample["image"].permute(1, 2, 0).numpy()
+                label = crf_labels(image, rec.high_res, rec.keys, rc)
+            else:
+                label = threshold_labels(rec.high_res, rec.keys, rc.bkg)
+            atomic_write(png, encode_label_png(label, source, palette=False), "pseudo label")
+            if rc.color:
+                atomic_write(color, encode_label_png(label, source, palette=True), "colour pseudo label")
+            counts["written"] += 1
+            written.append(key)
+        if sample["mask"] is None:
+            counts["no_mask"] += 1
+            continue
+        gt = sample["mask"].numpy()
+        conf += confusion_matrix(label, gt, NUM_LABELS)
+        base += confusion_matrix(threshold_labels(rec.high_res, rec.keys, rc.bkg), gt, NUM_LABELS)
+    return {"conf": conf, "base": base, "counts": counts, "problems": problems,
+            "by_checkpoint": dict(by_checkpoint), "written": written}
+
+
+def _check(parts: list[dict], cam_dir: Path, limit: int) -> str:
+    """Raise DataError listing every bad CAM, or for CAMs of several checkpoints; returns the checkpoint."""
+    problems = [p for part in parts for p in part["problems"]]
+    if problems:
+        raise DataError(f"{len(problems)} CAM problem(s) in {cam_dir}:\n  " + "\n  ".join(problems[:limit]) +
+                        (f"\n  ... ({len(problems) - limit} more)" if len(problems) > limit else ""))
+    by_ckpt: dict[str, list[str]] = defaultdict(list)
+    for part in parts:
+        for ckpt, ids in part["by_checkpoint"].items():
+            by_ckpt[ckpt].extend(ids)
+    if len(by_ckpt) > 1:
+        lines = [f"checkpoint {c[:12]}: {len(ids)} CAMs, e.g. {', '.join(sorted(ids)[:5])}"
+                 for c, ids in by_ckpt.items()]
+        raise DataError(f"CAMs in {cam_dir} come from {len(by_ckpt)} different checkpoints; delete the stale "
+                        f"ones and re-run inference:\n  " + "\n  ".join(lines))
+    return next(iter(by_ckpt), "")
+
+
+def _scores(conf: np.ndarray) -> dict:
+    iou = iou_per_class(conf)
+    return {"miou": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf),
+            "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(SHORT_NAMES, iou)}}
+
+
+def refine(cfg: Config) -> int:
+    """Label PNGs for every image of data.infer_split from its CAM, over all ranks; rank 0 reports."""
+    state = distributed_state()
+    rank, world = state.process_index, state.num_processes
+    rc = cfg.refine
+    if rc.method == "crf":
+        check_crf_available()
+    cam_dir, out_dir = refine_cam_dir(cfg), label_dir_for(cfg)
+    if not cam_dir.is_dir():
+        raise DataError(f"CAM folder {cam_dir} does not exist: run `vwe infer` first, or set refine.cam_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:  # manifests of an earlier launch with more processes would mislead
+        for old in out_dir.glob("manifest-rank*.json"):
+            if int(old.stem[len("manifest-rank"):]) >= world:
+                old.unlink()
+    start = time.perf_counter()
+    part = _refine_part(cfg, rank, world, cam_dir, out_dir)
+    conf, base = all_reduce_sum(part.pop("conf")), all_reduce_sum(part.pop("base"))
+    parts = gather_objects(part)
+    checkpoint = _check(parts, cam_dir, cfg.eval.max_listed)
+    seconds = time.perf_counter() - start
+    manifest = {"rank": rank, "world": world, "split": cfg.data.infer_split, "cam_dir": str(cam_dir),
+                "checkpoint": checkpoint, "settings": settings(rc), "seconds": round(seconds, 3),
+                **part["counts"], "ids": sorted(part["written"])}
+    atomic_write(out_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), "refine manifest")
+    if state.is_main_process:
+        _report(cfg, conf, base, parts, cam_dir, out_dir, checkpoint, seconds, world)
+    state.wait_for_everyone()
+    return 0
+
+
+def _report(cfg: Config, conf: np.ndarray, base: np.ndarray, parts: list[dict], cam_dir: Path, out_dir: Path,
+            checkpoint: str, seconds: float, world: int) -> None:
+    rc = cfg.refine
+    totals = {k: sum(p["counts"][k] for p in parts) for k in parts[0]["counts"]}
+    num_images = totals["written"] + totals["already_done"]
+    scored = num_images - totals["no_mask"]
+    report = {"split": cfg.data.infer_split, "settings": settings(rc), "cam_dir": str(cam_dir),
+              "out_dir": str(out_dir), "checkpoint": checkpoint, "num_images": num_images, "scored": scored,
+              **totals, "processes": world, "seconds": round(seconds, 3)}
+    name = "CRF" if rc.method == "crf" else "threshold"
+    text = (f"Pseudo labels ({name}, bkg={rc.bkg}) for '{cfg.data.infer_split}': {num_images} images "
+            f"({totals['written']} written, {totals['already_done']} already done) -> {out_dir}\n")
+    if scored:
+        report.update(_scores(conf), confusion=conf.tolist())
+        table = format_table(iou_per_class(conf), report["miou"])
+        text += f"\nmIoU against the masks ({scored} images):\n\n{table}"
+        if rc.method == "crf":
+            report["threshold"] = _scores(base)
+            text += (f"\nthe CAMs' own label maps at bkg={rc.bkg} (no CRF): mIoU "
+                     f"{100 * report['threshold']['miou']:.1f}\n")
+    else:
+        report["miou"] = None
+        text += "\nno ground-truth masks in this split: nothing scored\n"
+    if totals["no_mask"] and scored:
+        text += f"{totals['no_mask']} image(s) without a mask are not scored\n"
+    if totals["corrupt_skipped"]:
+        text += f"{totals['corrupt_skipped']} corrupt sample(s) skipped (data.on_corrupt=skip)\n"
+    atomic_write(out_dir / "report.json", json.dumps(report, indent=2), "refine report")
+    atomic_write(out_dir / "report.md", text, "refine report")
+    print(text + f"\nreport: {out_dir / 'report.json'}")
