@@ -23,7 +23,7 @@ if [ -z "${HOME:-}" ] || [ ! -w "${HOME}" ]; then
     export HOME
 fi
 # The vwe subcommands (kept equal to vwe/cli.py's; a test checks).
-SUBCOMMANDS=(synth prepare train infer evaluate pipeline visualize demo bench doctor config)
+SUBCOMMANDS=(synth prepare train infer evaluate pipeline visualize demo bench doctor config refine import-weights)
 
 is_subcommand() {
     local s

@@ -43,7 +43,7 @@ def test_hadolint_clean(repo):
 def test_dockerfile_shape(repo):
     text = (repo / "docker" / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime$", text, re.M)
-    assert '".[deepspeed]"' in text
+    assert '".[deepspeed,crf]"' in text
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert 'ENTRYPOINT ["/usr/local/bin/vwe-entrypoint"]' in text

@@ -180,3 +180,13 @@ def test_corrupt_samples_skipped_counted_over_ranks(synthetic_shards, tmp_path):
     assert "corrupt sample(s) skipped (data.on_corrupt=skip" in proc.stdout + proc.stderr
     proc = run_train(1, shards, tmp_path / "strict", "train.max_steps=13")
     assert proc.returncode != 0 and "cannot decode JPEG" in proc.stderr
+
+
+def test_precision_auto_follows_the_device(synthetic_shards, tmp_path):
+    from vwe.device import native_bf16
+    run = tmp_path / "run"
+    proc = ok(run_train(1, synthetic_shards, run, "train.max_steps=2", "train.mixed_precision=auto"))
+    expected = "bf16" if native_bf16(torch.device("cpu")) else "no"
+    s = summary(run)
+    assert s["mixed_precision"] == expected and s["mixed_precision_setting"] == "auto"
+    assert f"precision auto -> {'bf16' if expected == 'bf16' else 'fp32'} (this CPU" in proc.stderr

@@ -197,13 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="throughput, memory and MFU figures")
-    p.add_argument("what", choices=["data", "train", "infer", "eval"])
+    p.add_argument("what", choices=["data", "train", "infer", "eval", "suite"],
+                   help="suite: every benchmark, written to --out as benchmarks.json and benchmarks.md")
     _add_config_args(p)
     p.add_argument("--workers", type=int, default=None, help="loader workers (data bench)")
     p.add_argument("--steps", type=int, default=None, help="timed steps or batches")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--compare", default=None, choices=["checkpointing", "channels_last", "recipe"],
                    help="(train) measure both settings of this option, each in a fresh process")
+    p.add_argument("--out", default=None, help="(suite) folder for the results and any synthetic data")
+    p.add_argument("--quick", action="store_true", help="(suite) leave out the checkpointing comparison")
+    p.add_argument("--update-doc", default=None, metavar="FILE.md",
+                   help="(suite) replace the generated section for this machine kind in FILE.md")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -77,8 +77,9 @@ class TrainConfig:
     momentum: float = _opt(0.9, min=0.0, max=1.0, doc="SGD momentum (the published code ran with ~0: docs/training.md)")
     weight_decay: float = _opt(1e-4, min=0.0, doc="SGD weight decay, every trained parameter")
     poly_power: float = _opt(0.9, min=0.0, doc="lr x (1 - step / max_steps) ** poly_power")
-    mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"),
-                                doc="autocast precision (fp16 needs a GPU; bf16 is fast only where native)")
+    mixed_precision: str = _opt("auto", choices=("auto", "no", "fp16", "bf16"),
+                                doc="auto: bf16 where the device computes it natively, else fp32 (no); "
+                                    "fp16 needs a GPU")
     compile: bool = _opt(False, doc="torch.compile the model")
     seed: int = _opt(0, min=0, doc="seed of the model initialisation and of every sample's augmentation")
     deterministic: bool = _opt(False, doc="deterministic algorithms (bit-exact resume)")

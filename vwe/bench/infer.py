@@ -27,6 +27,7 @@ from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_pair
 from vwe.device import autocast as device_autocast, synchronize
 from vwe.infer import keep_positive, multiscale_cams
 from vwe.model.backbone import fold_frozen_bn
+from vwe.bench.train import peak_tflops
 from vwe.model.net import build_model
 
 
@@ -98,6 +99,17 @@ def _timed(device: torch.device, fn, *args) -> float:
     return time.perf_counter() - t0
 
 
+def cam_flops(model: torch.nn.Module, size: tuple[int, int], scales: list[float], device: torch.device) -> float:
+    """FLOPs of the CAM path for one image: every scale, the image and its flip (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    h, w = size
+    with torch.no_grad(), counter:
+        for s in scales:
+            model.cam(torch.zeros(2, 3, round(h * s), round(w * s), device=device))
+    return float(counter.get_total_flops())
+
+
 def run(cfg: Config, args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = args.steps or 4
@@ -130,6 +142,9 @@ def run(cfg: Config, args) -> int:
         with np.load(b / "0.npz") as z:
             diff = float(np.abs(z["high_res"].astype(np.float32) - ref).max())
 
+    flops = cam_flops(fast, size, scales, device)
+    precision = "bf16" if cfg.infer.mixed_precision == "bf16" else "no"
+    peak_fp32, peak_ours = peak_tflops(device, "no"), peak_tflops(device, precision)
     figures = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(), "backbone": mcfg.backbone, "norm": mcfg.norm,
@@ -137,12 +152,18 @@ def run(cfg: Config, args) -> int:
         "batch_size": cfg.infer.batch_size, "mixed_precision": cfg.infer.mixed_precision,
         "straightforward_img_s": round(n / t_base, 3), "vwe_img_s": round(n / t_ours, 3),
         "speedup": round(t_base / t_ours, 2), "max_abs_diff_high_res": round(diff, 4),
+        "gflops_per_image": round(flops / 1e9, 2),
+        # MFU against the device's peak in each path's precision (CPU: measured matmul peak)
+        "straightforward_mfu": round(flops * n / t_base / (peak_fp32 * 1e12), 4) if peak_fp32 else None,
+        "vwe_mfu": round(flops * n / t_ours / (peak_ours * 1e12), 4) if peak_ours else None,
     }
     print(f"inference ({mcfg.backbone}, {n} images {size[1]}x{size[0]}, scales {scales}, + flips, {device}):")
     print(f"  straightforward (fp32 NCHW, whole network, per image, pickle): {figures['straightforward_img_s']:.3f} img/s")
     print(f"  vwe (CAM path, batch {cfg.infer.batch_size}, folded BN {folded}, channels_last {mcfg.channels_last}, "
           f"{cfg.infer.mixed_precision}): {figures['vwe_img_s']:.3f} img/s  -> {figures['speedup']:.2f}x")
     print(f"  max |high_res difference| between the two: {diff:.4f}")
+    print(f"  {figures['gflops_per_image']} GFLOP per image (CAM path, all scales and flips); MFU straightforward "
+          f"{figures['straightforward_mfu']}, vwe {figures['vwe_mfu']}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0

@@ -84,7 +84,8 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
     b, s = cfg.train.batch_size, cfg.data.crop_size
     batches, source = _input(cfg, device, warmup + steps)
     images, labels = next(batches)
-    flops = count_flops(parts.net, normalize(images), labels, cfg.train.mixed_precision, device)
+    precision = accelerator.mixed_precision  # `auto` resolved for this device
+    flops = count_flops(parts.net, normalize(images), labels, precision, device)
     synchronize(device)
     model_mem = peak_memory_mib(device)
     if device.type == "cuda":
@@ -107,10 +108,10 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
             waits.append(t0 - tw)
     step = timer.mean("forward") + timer.mean("backward") + timer.mean("optimizer")
     wait = sum(waits) / len(waits)
-    peak = peak_tflops(device, cfg.train.mixed_precision)
+    peak = peak_tflops(device, precision)
     return TrainFigures(
         variant=variant, backbone=cfg.model.backbone, device=str(device), batch_size=b, crop_size=s,
-        mixed_precision=cfg.train.mixed_precision, grad_checkpointing=cfg.model.grad_checkpointing,
+        mixed_precision=precision, grad_checkpointing=cfg.model.grad_checkpointing,
         steps=steps, img_per_s=b / (step + wait), step_s=step + wait, forward_s=timer.mean("forward"),
         backward_s=timer.mean("backward"), optimizer_s=timer.mean("optimizer"),
         peak_mem_mib=peak_memory_mib(device),

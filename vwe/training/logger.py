@@ -147,7 +147,7 @@ class TrainLogger:
             "steps_this_run": state.step - self.start[1], "seconds_this_run": round(elapsed, 2),
             "images_per_s": round((state.samples - self.start[2]) / elapsed, 2) if elapsed > 0 else None,
             "samples_seen": state.samples, "skipped_samples": state.skipped, "processes": acc.num_processes,
-            "mixed_precision": acc.mixed_precision,
+            "mixed_precision": acc.mixed_precision, "mixed_precision_setting": self.cfg.train.mixed_precision,
             "distributed_type": str(acc.distributed_type).split(".")[-1], **extra,
         }
         if self.main:

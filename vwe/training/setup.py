@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vwe.config import Config, ConfigError, ModelConfig
 from vwe.data.loader import micro_batch_size, steps_per_epoch
+from vwe.device import native_bf16, precision_note, resolve_precision
 from vwe.model.net import VWENet, build_model, param_groups
 
 
@@ -70,13 +71,18 @@ def poly_factor(step: int, max_steps: int, power: float) -> float:
     return (1 - min(step, max_steps) / max_steps) ** power
 
 
-def make_accelerator(cfg: Config, logging_dir: str | None = None) -> Accelerator:
-    """The Accelerator for cfg.train's precision and accumulation, on GPU, CPU or DeepSpeed."""
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The Accelerator for cfg.train's precision (`auto` resolved for this device) and accumulation, on
+    GPU, CPU or DeepSpeed."""
     cuda = torch.cuda.is_available()
-    if cfg.train.mixed_precision == "fp16" and not cuda:
+    device = torch.device("cuda" if cuda else "cpu")
+    precision = resolve_precision(cfg.train.mixed_precision, device)
+    if precision == "fp16" and not cuda:
         raise ConfigError("train.mixed_precision=fp16 needs a GPU (fp16 loss scaling is not supported on CPU); "
-                          "use bf16 on CPU")
-    if cfg.train.mixed_precision == "bf16" and not cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                          "use bf16 or auto on CPU")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train: {precision_note(cfg.train.mixed_precision, precision, device)}", file=sys.stderr)
+    if precision == "bf16" and not native_bf16(device):
         print("warning: this CPU has no native bf16 (oneDNN reports none): bf16 autocast is emulated and was "
               "measured >10x slower than fp32 on such a CPU (docs/benchmarks.md); train.mixed_precision=no "
               "is faster here", file=sys.stderr)
@@ -88,7 +94,7 @@ def make_accelerator(cfg: Config, logging_dir: str | None = None) -> Accelerator
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and deepspeed and not cuda else []
     return Accelerator(
         cpu=not cuda and not deepspeed,
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum,
                                                                 sync_with_dataloader=False),
         kwargs_handlers=handlers,

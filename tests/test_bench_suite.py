@@ -1,0 +1,32 @@
+"""`vwe bench suite` as a real process: every benchmark runs, the JSON and the table are written, and the
+generated section of a markdown document is replaced in place."""
+from __future__ import annotations
+
+import json
+
+from conftest import REPO, run_vwe
+
+TINY_BENCH = ["model.backbone=resnet18", "model.num_words=8", "data.crop_size=64", "data.long_side=[64, 80]",
+              "train.batch_size=2", "infer.scales=[1.0]", "infer.batch_size=2", "data.num_workers=1"]
+
+
+def test_bench_suite_writes_every_figure(synthetic_shards, tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nhand-written text\n\n<!-- bench suite: cpu -->\nold\n<!-- end bench suite: cpu -->\n"
+                   "\nmore text\n")
+    out = tmp_path / "suite"
+    run_vwe("bench", "suite", "--config", str(REPO / "configs" / "demo.yaml"), *TINY_BENCH,
+            f"data.root={synthetic_shards}", "--out", str(out), "--steps", "1", "--quick",
+            "--update-doc", str(doc), timeout=1800)
+    r = json.loads((out / "benchmarks.json").read_text())
+    assert {"machine", "data", "train_fp32", "train_auto", "infer_fp32", "infer_auto", "eval", "distribution"} <= set(r)
+    assert r["machine"]["cores"] >= 1 and r["machine"]["torch"]
+    assert r["train_fp32"]["variants"][0]["mixed_precision"] == "no"
+    assert r["train_auto"]["variants"][0]["mixed_precision"] == ("bf16" if r["machine"]["cpu_native_bf16"] else "no")
+    assert r["infer_fp32"]["vwe_mfu"] > 0 and r["infer_fp32"]["gflops_per_image"] > 0
+    assert set(r["distribution"]["img_s"]) == {"1", "2"} and r["distribution"]["scaling"] > 0
+    table = (out / "benchmarks.md").read_text()
+    assert table.startswith("Measured ") and "| training, 1 vs 2 processes" in table
+    text = doc.read_text()
+    assert "hand-written text" in text and "more text" in text and "old" not in text.split("hand-written")[1]
+    assert table in text
