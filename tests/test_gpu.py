@@ -1,0 +1,67 @@
+"""GPU smoke tests (marked `gpu`, skipped without CUDA; CI has none): training in bf16 and in fp16 with
+loss scaling, channels_last, gradient checkpointing's memory effect, inference and evaluation, and two
+processes over NCCL where two GPUs exist. Run them wherever a GPU is lent: `pytest -m gpu`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, launch_cmd, run_vwe
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEMO = str(REPO / "configs" / "demo.yaml")
+GPU_ENV = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+
+
+def train(shards, run, *extra, processes: int = 1, launch: str = "launch/single_gpu.yaml"):
+    cmd = launch_cmd(processes, "train", "--config", DEMO, *TINY, f"data.root={shards}", f"output.run_dir={run}",
+                     "train.checkpoint_every=0", *extra, launch_config=launch)
+    proc = subprocess.run(cmd, cwd=REPO, env=GPU_ENV, text=True, capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
+def test_training_steps_on_one_gpu(synthetic_shards, tmp_path, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    run = tmp_path / "run"
+    s = train(synthetic_shards, run, "train.max_steps=4", f"train.mixed_precision={precision}",
+              "model.channels_last=true")
+    expected = ("bf16" if torch.cuda.is_bf16_supported() else "no") if precision == "auto" else precision
+    assert s["mixed_precision"] == expected and s["steps"] == 4
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_gradient_checkpointing_saves_gpu_memory(tmp_path):
+    out = tmp_path / "bench.json"
+    run_vwe("bench", "train", "--config", DEMO, "model.backbone=resnet50", "model.pretrained=none",
+            "data.crop_size=256", "train.batch_size=8", "--steps", "2", "--compare", "checkpointing",
+            "--json", str(out), env=GPU_ENV)
+    off, on = json.loads(out.read_text())["variants"]
+    assert off["mem_kind"] == "cuda max_memory_allocated"
+    assert on["peak_mem_mib"] < off["peak_mem_mib"], (on["peak_mem_mib"], off["peak_mem_mib"])
+
+
+def test_inference_and_evaluation_on_gpu(synthetic_shards, tmp_path):
+    run = tmp_path / "run"
+    train(synthetic_shards, run, "train.max_steps=2")
+    common = ["--config", DEMO, *TINY, f"data.root={synthetic_shards}", f"output.run_dir={run}",
+              "infer.mixed_precision=bf16" if torch.cuda.is_bf16_supported() else "infer.mixed_precision=no"]
+    run_vwe("infer", *common, env=GPU_ENV)
+    run_vwe("evaluate", *common, env=GPU_ENV)
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert 0.0 <= report["miou"] <= 1.0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_processes_over_nccl(synthetic_shards, tmp_path):
+    s = train(synthetic_shards, tmp_path / "run", "train.max_steps=4", processes=2, launch="launch/multi_gpu.yaml")
+    assert s["processes"] == 2 and s["distributed_type"] == "MULTI_GPU" and s["replicas_identical"]
