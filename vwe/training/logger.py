@@ -93,6 +93,10 @@ class TrainLogger:
             if self.cfg.output.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1 if resumed else None)
+                from vwe.configdoc import render_config
+                # four-space indent: TensorBoard renders text as markdown
+                self.tb.add_text("config", "".join(f"    {line}\n" for line in render_config(self.cfg).splitlines()),
+                                 state.step)
 
     def add(self, losses: dict[str, torch.Tensor]) -> None:
         self.window.add(losses)
