@@ -15,9 +15,10 @@ import io
 import json
 import mmap
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
 from PIL import Image
@@ -47,6 +48,7 @@ class SplitIndex:
     shards: tuple[ShardInfo, ...]
     class_names: tuple[str, ...]
     has_masks: bool
+    labels: dict | None = None       # where the image labels came from (prepare's record), if known
 
     @property
     def num_samples(self) -> int:
@@ -91,9 +93,12 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
         d = json.loads(p.read_text())
         shards = tuple(ShardInfo(s["name"], int(s["count"]), s["sha256"], int(s["bytes"]), tuple(s["keys"]))
                        for s in d["shards"])
-        idx = SplitIndex(root, d["split"], shards, tuple(d["class_names"]), bool(d["has_masks"]))
+        idx = SplitIndex(root, d["split"], shards, tuple(d["class_names"]), bool(d["has_masks"]),
+                         d.get("labels"))
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{p}: not a valid shard index ({type(e).__name__}: {e})") from None
+    for s in shards:
+        check_shard_name(s.name, str(p))
     if len(idx.class_names) != vocdata.NUM_CLASSES:
         raise DataError(f"{p}: {len(idx.class_names)} class names, expected {vocdata.NUM_CLASSES}")
     for s in shards:
@@ -102,9 +107,22 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
     return idx
 
 
-def write_index(root: Path, split: str, shards: list[ShardInfo], has_masks: bool) -> Path:
+def check_shard_name(name: str, index: str) -> None:
+    """A shard named by an index must lie in the index's folder: a relative path without `..`
+    (and not a URL or pipe: command of its own)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (not name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in parts
+            or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", name)):
+        raise DataError(f"{index}: shard entry {name!r} names a file outside the index's folder "
+                        f"(shard names must be relative paths without '..')")
+
+
+def write_index(root: Path, split: str, shards: list[ShardInfo], has_masks: bool,
+                labels: dict | None = None) -> Path:
+    """Write `{root}/{split}.json`; `labels` records where the image labels came from."""
     d = {"version": INDEX_VERSION, "split": split, "num_samples": sum(s.count for s in shards),
          "class_names": list(vocdata.CLASS_NAMES), "has_masks": has_masks,
+         **({"labels": labels} if labels is not None else {}),
          "sample_format": {"image": EXT_IMAGE, "labels": EXT_LABELS, "mask": EXT_MASK},
          "shards": [{"name": s.name, "count": s.count, "bytes": s.bytes, "sha256": s.sha256,
                      "keys": list(s.keys)} for s in shards]}
@@ -306,11 +324,21 @@ def _jpeg_size(data: bytes, where: str) -> tuple[int, int]:
     return size
 
 
-class _Source:
-    """Finds image, mask and labels for an id in VOC (+SBD) folders."""
+LABEL_SOURCES = ("xml", "mask")
 
-    def __init__(self, layout: vocdata.VocLayout, sbd_dir: Path | None):
-        self.layout, self.sbd_dir = layout, sbd_dir
+
+class _Source:
+    """Finds image, mask and labels for an id in VOC (+SBD) folders.
+
+    Image labels come from `labels` first ("xml": the VOC annotation, every object including difficult
+    ones, as the published code's cls_labels.npy; "mask": the classes present in the mask) and from the
+    other where that file is missing; `counts` tallies which one each image used."""
+
+    def __init__(self, layout: vocdata.VocLayout, sbd_dir: Path | None, labels: str = "xml"):
+        if labels not in LABEL_SOURCES:
+            raise DataError(f"label source must be one of {', '.join(LABEL_SOURCES)}, got {labels!r}")
+        self.layout, self.sbd_dir, self.labels = layout, sbd_dir, labels
+        self.counts = {"xml": 0, "mask": 0}
 
     def sample(self, image_id: str) -> RawSample:
         lay = self.layout
@@ -321,7 +349,7 @@ class _Source:
             raise DataError(f"image {image_id!r}: {lay.images / (image_id + '.jpg')} not found")
         jpg = jpg_path.read_bytes()
         w, h = _jpeg_size(jpg, str(jpg_path))
-        mask, mask_src = None, None
+        mask, mask_src, mask_labels = None, None, None
         for cand in (lay.seg_class / f"{image_id}.png",
                      self.sbd_dir / "cls" / f"{image_id}.mat" if self.sbd_dir else None,
                      lay.seg_class_aug / f"{image_id}.png"):
@@ -337,13 +365,18 @@ class _Source:
                 arr = vocdata.decode_mask(mask, str(mask_src))
             if arr.shape != (h, w):
                 raise DataError(f"{mask_src}: mask is {arr.shape[1]}x{arr.shape[0]} but image {jpg_path} is {w}x{h}")
-            labels = vocdata.labels_from_mask(arr, str(mask_src))
-        else:
-            xml = lay.annotations / f"{image_id}.xml"
-            if not xml.is_file():
-                raise DataError(f"image {image_id!r}: no mask (SegmentationClass, SBD, SegmentationClassAug) "
-                                f"and no annotation {xml}")
-            labels = vocdata.labels_from_xml(xml)
+            mask_labels = vocdata.labels_from_mask(arr, str(mask_src))
+        xml = lay.annotations / f"{image_id}.xml"
+        use = self.labels
+        if use == "xml" and not xml.is_file():
+            use = "mask"
+        elif use == "mask" and mask_labels is None:
+            use = "xml"
+        if use == "mask" and mask_labels is None or use == "xml" and not xml.is_file():
+            raise DataError(f"image {image_id!r}: no annotation {xml} and no mask (SegmentationClass, SBD, "
+                            f"SegmentationClassAug)")
+        labels = vocdata.labels_from_xml(xml) if use == "xml" else mask_labels
+        self.counts[use] += 1
         return RawSample("", image_id, jpg, labels, mask)
 
 
@@ -359,10 +392,14 @@ def split_ids(layout: vocdata.VocLayout, sbd_dir: Path | None) -> dict[str, list
     return {"train_aug": aug, "train": train, "val": val}
 
 
-def prepare(voc: Path, sbd: Path | None, out: Path, shard_size: int = 1000) -> None:
-    """Convert VOC2012 (+SBD) into shards and an index per split under `out`."""
+def prepare(voc: Path, sbd: Path | None, out: Path, shard_size: int = 1000, labels: str = "xml") -> None:
+    """Convert VOC2012 (+SBD) into shards and an index per split under `out`; image labels from the
+    XML annotations (`labels="xml"`, as the published code) or from the masks (`"mask"`), each falling
+    back to the other where its file is missing."""
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1, got {shard_size}")
+    if labels not in LABEL_SOURCES:
+        raise DataError(f"label source must be one of {', '.join(LABEL_SOURCES)}, got {labels!r}")
     layout = vocdata.find_voc(Path(voc))
     print(f"prepare: VOC2012 data found at {layout.root}")
     sbd_dir = vocdata.find_sbd(Path(sbd)) if sbd is not None else None
@@ -374,10 +411,10 @@ def prepare(voc: Path, sbd: Path | None, out: Path, shard_size: int = 1000) -> N
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tar.tmp*"):
         stale.unlink()
-    source = _Source(layout, sbd_dir)
     for split, ids in split_ids(layout, sbd_dir).items():
         if not ids:
             raise DataError(f"split '{split}' is empty")
+        source = _Source(layout, sbd_dir, labels)
         infos, rewritten, with_mask = [], 0, 0
         for i in range(0, len(ids), shard_size):
             samples = [source.sample(k) for k in ids[i:i + shard_size]]
@@ -385,10 +422,13 @@ def prepare(voc: Path, sbd: Path | None, out: Path, shard_size: int = 1000) -> N
             info, new = write_shard(out / f"{split}-{i // shard_size:06d}.tar", samples)
             infos.append(info)
             rewritten += new
-        write_index(out, split, infos, has_masks=with_mask == len(ids))
+        other = "mask" if labels == "xml" else "xml"
+        label_info = {"source": labels, "fallback": other, "images_from_fallback": source.counts[other]}
+        write_index(out, split, infos, has_masks=with_mask == len(ids), labels=label_info)
         listed = {s.name for s in infos}
         for old in out.glob(f"{split}-*.tar"):
             if old.name not in listed:
                 old.unlink()
-        print(f"prepare: {split}: {len(ids)} samples ({with_mask} with masks) in {len(infos)} shards "
+        print(f"prepare: {split}: {len(ids)} samples ({with_mask} with masks; labels from {labels}, "
+              f"{source.counts[other]} from the {other} fallback) in {len(infos)} shards "
               f"({rewritten} written, {len(infos) - rewritten} kept identical) -> {index_path(out, split)}")
