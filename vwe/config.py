@@ -37,6 +37,8 @@ class DataConfig:
     crop_size: int = _opt(512, min=16, doc="square random crop (zero padded)")
     long_side: list[int] = _opt([320, 640], doc="resize so the long side is uniform in [lo, hi]")
     flip: bool = _opt(True, doc="random horizontal flip")
+    resize: str = _opt("bicubic", choices=("bicubic", "bilinear"),
+                       doc="image resize (training and every inference scale), antialiased; bicubic = PIL's, as published")
     num_workers: int = _opt(2, min=0, doc="loader workers per rank (training; inference uses infer.num_workers)")
     worker_kind: str = _opt("process", choices=("process", "thread"),
                             doc="loader workers as DataLoader processes or as threads of the rank's process")

@@ -153,7 +153,8 @@ class _TrainStream(IterableDataset):
         for i, raw in enumerate(samples):
             try:
                 train_augment(raw.jpg, sample_rng(self.seed, self.epoch, raw.key), tuple(self.d.long_side), crop,
-                              self.d.flip, image[i], f"shard {raw.shard}, sample {raw.key!r}", raw.mask)
+                              self.d.flip, image[i], f"shard {raw.shard}, sample {raw.key!r}", raw.mask,
+                              self.d.resize)
                 ok[i] = True
             except DataError as e:
                 if not skip_mode:
@@ -266,6 +267,7 @@ class _InferStream(IterableDataset):
         self.with_image = with_image or with_scales
         self.scales = list(cfg.infer.scales) if with_scales else None
         self.flip = cfg.infer.flip
+        self.resize = cfg.data.resize
         self.skip_mode = cfg.data.on_corrupt == "skip"
 
     def __iter__(self) -> Iterator[dict]:
@@ -318,7 +320,7 @@ class _InferStream(IterableDataset):
         if self.with_image:
             out["image"] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
         if self.scales is not None:
-            out["scales"] = [resize_pair(im, s, self.flip) for s in self.scales]
+            out["scales"] = [resize_pair(im, s, self.flip, self.resize) for s in self.scales]
         return out
 
 
