@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vwe.data.loader import steps_per_epoch, train_batches
-from vwe.data.shards import iter_shard, load_index
+from vwe.data.shards import load_index, read_shard
 from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vwe.errors import VweError
 
@@ -30,7 +30,7 @@ def _first_jpegs(cfg, n: int) -> list[tuple[str, bytes]]:
     idx = load_index(cfg.data.root, cfg.data.train_split)
     out: list[tuple[str, bytes]] = []
     for s in idx.shards:
-        for raw in iter_shard(idx.path(s), s.count):
+        for raw in read_shard(idx, s):
             out.append((raw.key, raw.jpg))
             if len(out) == n:
                 return out

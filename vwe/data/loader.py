@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vwe.data.shards import RawSample, SplitIndex, iter_shard, load_index, verify_shards
+from vwe.data.shards import RawSample, SplitIndex, load_index, read_shard, verify_shards
 from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.errors import DataError, VweError
@@ -91,7 +91,7 @@ class _TrainStream(IterableDataset):
         buf: list[RawSample] = []
         size = self.d.shuffle_buffer
         for s in _shard_order(len(shards), self.seed, self.epoch, self.rank, self.world):
-            for raw in iter_shard(self.index.path(shards[s]), shards[s].count):
+            for raw in read_shard(self.index, shards[s], self.d.verify_shards):
                 if size <= 1:
                     yield raw
                     continue
@@ -268,6 +268,7 @@ class _InferStream(IterableDataset):
         self.scales = list(cfg.infer.scales) if with_scales else None
         self.flip = cfg.infer.flip
         self.resize = cfg.data.resize
+        self.verify = cfg.data.verify_shards
         self.skip_mode = cfg.data.on_corrupt == "skip"
 
     def __iter__(self) -> Iterator[dict]:
@@ -287,7 +288,7 @@ class _InferStream(IterableDataset):
             if pos + shard.count <= lo or pos >= hi:
                 pos += shard.count
                 continue
-            for raw in iter_shard(self.index.path(shard), shard.count):
+            for raw in read_shard(self.index, shard, self.verify):
                 if lo <= pos < hi:
                     yield (raw,)
                 pos += 1

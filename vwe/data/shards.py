@@ -20,6 +20,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from PIL import Image
 
@@ -43,7 +45,7 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class SplitIndex:
-    root: Path
+    root: Path | str                 # a local folder, or a URL / `pipe:` command (see `locate`)
     split: str
     shards: tuple[ShardInfo, ...]
     class_names: tuple[str, ...]
@@ -58,8 +60,13 @@ class SplitIndex:
     def keys(self) -> list[str]:
         return [k for s in self.shards for k in s.keys]
 
-    def path(self, shard: ShardInfo) -> Path:
-        return self.root / shard.name
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.root)
+
+    def path(self, shard: ShardInfo) -> Path | str:
+        """The shard's local path, or its URL / `pipe:` command when the root is remote."""
+        return locate(self.root, shard.name)
 
 
 @dataclass
@@ -73,24 +80,72 @@ class RawSample:
     error: str | None = None
 
 
-# ---------------------------------------------------------------- index
+# ---------------------------------------------------------------- locations
 
-def index_path(root: Path, split: str) -> Path:
-    return Path(root) / f"{split}.json"
+def is_remote(root: str | os.PathLike) -> bool:
+    """True for a location webdataset's gopen streams: a URL with a scheme (http://, https://, ...,
+    not file://) or a `pipe:` command; False for a local path."""
+    text = str(root)
+    return text.startswith("pipe:") or (re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", text) is not None
+                                        and not text.startswith("file://"))
+
+
+def _local_root(root: str | os.PathLike) -> Path:
+    text = str(root)
+    return Path(url2pathname(urlparse(text).path)) if text.startswith("file://") else Path(root)
+
+
+def locate(root: str | os.PathLike, name: str) -> Path | str:
+    """Where file `name` (an index or a shard) of a data root is: a local path, `{root}/{name}` for a
+    URL, or the `pipe:` command with `{name}` replaced."""
+    text = str(root)
+    if not is_remote(text):
+        return _local_root(root) / name
+    if text.startswith("pipe:"):
+        if "{name}" not in text:
+            raise DataError(f"data.root {text!r}: a pipe: command must contain {{name}}, which is replaced by "
+                            f"the file to read (e.g. 'pipe:curl -s -f https://host/shards/{{name}}')")
+        return text.replace("{name}", name)
+    return text.rstrip("/") + "/" + name
+
+
+def index_path(root: str | os.PathLike, split: str) -> Path | str:
+    return locate(root, f"{split}.json")
+
+
+def _read_remote_index(url: str, split: str) -> str:
+    from webdataset.gopen import gopen
+    try:
+        with gopen(url, "rb") as f:
+            data = f.read()
+    except Exception as e:
+        raise DataError(f"no index for split '{split}': cannot read {url} ({e}; check data.root)") from None
+    if not data:
+        raise DataError(f"no index for split '{split}': {url} is empty (check data.root)")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{url}: not a valid shard index ({e})") from None
 
 
 def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
-    """Read and check `{root}/{split}.json`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root} (set data.root, or run `vwe prepare --out {root}`)")
-    p = index_path(root, split)
-    if not p.is_file():
-        have = sorted(q.stem for q in root.glob("*.json"))
-        raise DataError(f"no index for split '{split}': {p} is missing (splits here: {', '.join(have) or 'none'};"
-                        f" run `vwe prepare`)")
+    """Read and check `{split}.json` of a data root (a folder, a URL or a `pipe:` command)."""
+    if is_remote(root):
+        root = str(root)
+        p = index_path(root, split)
+        text = _read_remote_index(p, split)
+    else:
+        root = _local_root(root)
+        if not root.is_dir():
+            raise DataError(f"data folder not found: {root} (set data.root, or run `vwe prepare --out {root}`)")
+        p = index_path(root, split)
+        if not p.is_file():
+            have = sorted(q.stem for q in root.glob("*.json"))
+            raise DataError(f"no index for split '{split}': {p} is missing (splits here: "
+                            f"{', '.join(have) or 'none'}; run `vwe prepare`)")
+        text = p.read_text()
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(text)
         shards = tuple(ShardInfo(s["name"], int(s["count"]), s["sha256"], int(s["bytes"]), tuple(s["keys"]))
                        for s in d["shards"])
         idx = SplitIndex(root, d["split"], shards, tuple(d["class_names"]), bool(d["has_masks"]),
@@ -137,7 +192,10 @@ _VERIFIED: dict[tuple[str, int, int], str] = {}
 
 
 def verify_shards(index: SplitIndex, shards: list[ShardInfo] | None = None) -> None:
-    """Check that each shard exists with its indexed size and SHA-256 (cached per process by mtime/size)."""
+    """Check that each shard exists with its indexed size and SHA-256 (cached per process by mtime/size).
+    Streamed shards are not downloaded twice: they are checked as they are read (`read_shard`)."""
+    if index.remote:
+        return
     for s in shards if shards is not None else index.shards:
         p = index.path(s)
         if not p.is_file():
@@ -187,79 +245,13 @@ def _finish(shard: str, key: str, parts: dict[str, bytes]) -> RawSample:
 _ZERO_BLOCK = bytes(512)
 
 
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:          # GNU base-256 for large sizes
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _pax_path(data: bytes) -> str | None:
-    for rec in data.decode("utf-8", "replace").split("\n"):
-        _, _, kv = rec.partition(" ")
-        if kv.startswith("path="):
-            return kv[5:]
-    return None
-
-
-def _tar_members(mm, where: str) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file in a tar held in a buffer; a cut or corrupt
-    archive raises DataError. A small ustar/GNU/pax reader: it keeps the data in place (mmap) so loader
-    workers can skip the samples they do not decode without reading them."""
-    off, n, long_name = 0, len(mm), None
-    while True:
-        if off + 512 > n:
-            raise DataError(f"{where}: truncated tar (archive cut inside a header or before its end marker)")
-        hdr = bytes(mm[off:off + 512])
-        if hdr == _ZERO_BLOCK:
-            return
-        stored = _octal(hdr[148:156])
-        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise DataError(f"{where}: corrupt tar header at byte {off} (checksum mismatch)")
-        size, flag = _octal(hdr[124:136]), hdr[156:157]
-        start = off + 512
-        if start + size > n:
-            raise DataError(f"{where}: truncated tar (member at byte {off} needs {size} bytes, "
-                            f"{n - start} left)")
-        off = start + (size + 511) // 512 * 512
-        if flag == b"L":
-            long_name = bytes(mm[start:start + size]).split(b"\0", 1)[0].decode()
-            continue
-        if flag in (b"x", b"g"):
-            if flag == b"x":
-                long_name = _pax_path(bytes(mm[start:start + size])) or long_name
-            continue
-        name = hdr[:100].split(b"\0", 1)[0].decode()
-        if hdr[257:262] == b"ustar" and hdr[345:500].strip(b"\0"):
-            name = hdr[345:500].split(b"\0", 1)[0].decode() + "/" + name
-        if long_name is not None:
-            name, long_name = long_name, None
-        if flag in (b"0", b"\0", b"7"):
-            yield name, start, size
-
-
-def iter_shard(path: Path, expected: int | None = None) -> Iterator[RawSample]:
-    """Samples of one shard in stored order. Bad samples come with `error` set (the caller decides);
-    a shard that is missing, empty, truncated or unreadable raises DataError naming it.
-
-    `jpg` and `mask` are zero-copy memoryviews into the memory-mapped shard (they compare equal to
-    bytes; `bytes(...)` copies them)."""
-    path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise DataError(f"shard {path} is missing")
-    if path.stat().st_size == 0:
-        raise DataError(f"shard {path} is empty (0 bytes)")
+def _group(members: Iterator[tuple[str, bytes | memoryview]], name: str, where: str,
+           expected: int | None) -> Iterator[RawSample]:
+    """Samples from tar members in stored order: consecutive members sharing the key before the first
+    '.' of their file name (folders dropped) form one sample, as webdataset groups them."""
+    n, key, parts, last = 0, None, {}, None
     try:
-        with open(path, "rb") as f:
-            mm = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    except OSError as e:
-        raise DataError(f"shard {path}: cannot read: {e}") from None
-    n = 0
-    key, parts = None, {}
-    last = None
-    try:
-        for member, start, size in _tar_members(mm, f"shard {path}"):
+        for member, data in members:
             k, _, ext = member.rsplit("/", 1)[-1].partition(".")
             if k != key:
                 if key is not None:
@@ -267,17 +259,160 @@ def iter_shard(path: Path, expected: int | None = None) -> Iterator[RawSample]:
                     last = key
                     yield _finish(name, key, parts)
                 key, parts = k, {}
-            parts[ext] = mm[start:start + size]
+            if ext in parts:
+                raise DataError(f"{where}: member {member!r} appears twice in sample {key!r}")
+            parts[ext] = data
     except DataError as e:
         raise DataError(f"{e}; last complete sample {last!r}, cut in sample {key!r}") from None
     if key is not None:
         n += 1
         yield _finish(name, key, parts)
     if n == 0:
-        raise DataError(f"shard {path} holds no samples (empty tar)")
+        raise DataError(f"{where} holds no samples (empty tar)")
     if expected is not None and n != expected:
-        raise DataError(f"shard {path}: {n} samples read but its index says {expected} "
+        raise DataError(f"{where}: {n} samples read but its index says {expected} "
                         f"(last sample {key!r}; truncated?)")
+
+
+def _local_members(path: Path, where: str) -> Iterator[tuple[str, memoryview]]:
+    """(name, data) of each regular file of a local tar: the standard library's tarfile reads the
+    headers, the data stay in place in the memory-mapped file (zero copy; loader workers skip the
+    samples they do not decode without reading them). A cut or corrupt archive raises DataError."""
+    try:
+        with open(path, "rb") as f:
+            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            if bytes(view[:512]) == _ZERO_BLOCK:
+                return           # a valid tar without members (tarfile calls it "empty file")
+            try:
+                tf = tarfile.open(fileobj=f, mode="r:")
+            except tarfile.TarError as e:
+                raise DataError(f"{where}: not a readable tar archive ({e})") from None
+            while True:
+                try:
+                    ti = tf.next()
+                except tarfile.TarError as e:
+                    raise DataError(f"{where}: truncated or corrupt tar ({e})") from None
+                if ti is None:
+                    break
+                tf.members = []          # tarfile keeps every header otherwise
+                if ti.isreg():
+                    start, end = ti.offset_data, ti.offset_data + ti.size
+                    if end > len(view):
+                        raise DataError(f"{where}: truncated tar (member {ti.name!r} at byte {ti.offset} needs "
+                                        f"{ti.size} bytes, {len(view) - start} left)")
+                    yield ti.name, view[start:end]
+            # tarfile ends quietly at a cut or corrupt header; a complete archive has its end marker here
+            if bytes(view[tf.offset:tf.offset + 512]) != _ZERO_BLOCK:
+                raise DataError(f"{where}: truncated tar (archive cut or corrupt at byte {tf.offset}: no valid "
+                                f"header and no end-of-archive marker)")
+    except OSError as e:
+        raise DataError(f"{where}: cannot read: {e}") from None
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts what passes through it; `unread` puts bytes back."""
+
+    def __init__(self, stream):
+        self.stream, self.sha, self.bytes, self.pending = stream, hashlib.sha256(), 0, b""
+
+    def unread(self, data: bytes) -> None:
+        self.pending = data + self.pending
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pending:
+            data = self.pending if n < 0 else self.pending[:n]
+            self.pending = self.pending[len(data):]
+            return data
+        data = self.stream.read(n)
+        self.sha.update(data)
+        self.bytes += len(data)
+        return data
+
+
+def _close_stream(stream, complete: bool) -> None:
+    """Close a gopen stream. After a complete read its errors (e.g. curl's exit status) propagate; a
+    stream abandoned early (the reader had what it needed) has its process ended quietly."""
+    proc = getattr(stream, "proc", None)
+    if complete:
+        stream.close()
+        return
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+    try:
+        stream.close()
+    except Exception:   # the killed command's status: nothing was expected from it any more
+        pass
+
+
+def _remote_members(url: str, where: str, size: int | None,
+                    sha256: str | None) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a shard streamed through webdataset's gopen (http(s) by curl,
+    `pipe:` commands, ...), parsed by the standard library's tarfile in stream mode. The stream is
+    counted and hashed as it goes: at its end the size (and, given `sha256`, the SHA-256) must match the
+    index, else DataError naming the shard."""
+    from webdataset.gopen import gopen
+    try:
+        stream = gopen(url, "rb")
+    except Exception as e:
+        raise DataError(f"{where}: cannot open: {e}") from None
+    reader, complete = _HashingReader(stream), False
+    try:
+        try:
+            head = reader.read(512)
+            reader.unread(head)
+            # a valid tar without members starts with its end marker (tarfile calls that "empty file")
+            members = () if head == _ZERO_BLOCK else tarfile.open(fileobj=reader, mode="r|")
+            for ti in members:
+                members.members = []
+                if ti.isreg():
+                    yield ti.name, members.extractfile(ti).read()
+            while reader.read(1 << 16):     # the end-of-archive blocks and padding: all bytes get hashed
+                pass
+        except (tarfile.TarError, OSError, ValueError) as e:
+            try:
+                _close_stream(stream, True)
+            except Exception as status:
+                e = f"{e}; {status}"
+            raise DataError(f"{where}: cannot read the streamed tar: {e}") from None
+        complete = True
+    finally:
+        try:
+            _close_stream(stream, complete)
+        except Exception as e:
+            raise DataError(f"{where}: the stream failed: {e}") from None
+    if size is not None and reader.bytes != size:
+        raise DataError(f"shard {url}: {reader.bytes} bytes streamed, its index says {size} (truncated or replaced?)")
+    if sha256 is not None and reader.sha.hexdigest() != sha256:
+        raise DataError(f"shard {url}: SHA-256 {reader.sha.hexdigest()[:16]}... of the streamed bytes does not "
+                        f"match its index ({sha256[:16]}...)")
+
+
+def iter_shard(path: Path | str, expected: int | None = None, *, name: str | None = None,
+               size: int | None = None, sha256: str | None = None) -> Iterator[RawSample]:
+    """Samples of one shard in stored order. Bad samples come with `error` set (the caller decides);
+    a shard that is missing, empty, truncated or unreadable raises DataError naming it.
+
+    `path` is a local file (read memory-mapped: `jpg` and `mask` are zero-copy memoryviews, which
+    compare equal to bytes) or a URL / `pipe:` command (see `is_remote`), streamed; a streamed shard is
+    checked against `size` and `sha256` (its index entry) at its end. `name` names the shard in samples
+    (default: the file name)."""
+    if isinstance(path, str) and is_remote(path):
+        where = f"shard {path}"
+        yield from _group(_remote_members(path, where, size, sha256), name or path.rsplit("/", 1)[-1],
+                          where, expected)
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard {path} is missing")
+    if path.stat().st_size == 0:
+        raise DataError(f"shard {path} is empty (0 bytes)")
+    yield from _group(_local_members(path, f"shard {path}"), name or path.name, f"shard {path}", expected)
+
+
+def read_shard(index: SplitIndex, shard: ShardInfo, verify: bool = True) -> Iterator[RawSample]:
+    """The samples of one shard of `index` (local or streamed; a streamed one is verified as it goes)."""
+    return iter_shard(index.path(shard), shard.count, name=shard.name, size=shard.bytes,
+                      sha256=shard.sha256 if verify else None)
 
 
 # ---------------------------------------------------------------- writing
