@@ -113,13 +113,23 @@ def index_path(root: str | os.PathLike, split: str) -> Path | str:
     return locate(root, f"{split}.json")
 
 
+def _stream_error(e: BaseException) -> str:
+    """webdataset's message for a failed reading command, shortened to what a user acts on."""
+    m = re.search(r"exit (-?\d+)", str(e))
+    if m is None:
+        return str(e)
+    status = int(m.group(1))
+    hint = " (curl: the server answered with an HTTP error, e.g. 404 not found)" if status == 22 else ""
+    return f"the reading command exited with status {status}{hint}"
+
+
 def _read_remote_index(url: str, split: str) -> str:
     from webdataset.gopen import gopen
     try:
         with gopen(url, "rb") as f:
             data = f.read()
     except Exception as e:
-        raise DataError(f"no index for split '{split}': cannot read {url} ({e}; check data.root)") from None
+        raise DataError(f"no index for split '{split}': cannot read {url} ({_stream_error(e)}; check data.root)") from None
     if not data:
         raise DataError(f"no index for split '{split}': {url} is empty (check data.root)")
     try:
@@ -263,6 +273,8 @@ def _group(members: Iterator[tuple[str, bytes | memoryview]], name: str, where: 
                 raise DataError(f"{where}: member {member!r} appears twice in sample {key!r}")
             parts[ext] = data
     except DataError as e:
+        if key is None:
+            raise
         raise DataError(f"{e}; last complete sample {last!r}, cut in sample {key!r}") from None
     if key is not None:
         n += 1
@@ -354,7 +366,7 @@ def _remote_members(url: str, where: str, size: int | None,
     try:
         stream = gopen(url, "rb")
     except Exception as e:
-        raise DataError(f"{where}: cannot open: {e}") from None
+        raise DataError(f"{where}: cannot open: {_stream_error(e)}") from None
     reader, complete = _HashingReader(stream), False
     try:
         try:
@@ -369,17 +381,19 @@ def _remote_members(url: str, where: str, size: int | None,
             while reader.read(1 << 16):     # the end-of-archive blocks and padding: all bytes get hashed
                 pass
         except (tarfile.TarError, OSError, ValueError) as e:
+            msg = _stream_error(e)
             try:
                 _close_stream(stream, True)
-            except Exception as status:
-                e = f"{e}; {status}"
-            raise DataError(f"{where}: cannot read the streamed tar: {e}") from None
+            except Exception as status:      # the reading command's exit status says more
+                if _stream_error(status) != msg:
+                    msg = f"{msg}; {_stream_error(status)}"
+            raise DataError(f"{where}: cannot read the streamed tar: {msg}") from None
         complete = True
     finally:
         try:
             _close_stream(stream, complete)
         except Exception as e:
-            raise DataError(f"{where}: the stream failed: {e}") from None
+            raise DataError(f"{where}: the stream failed: {_stream_error(e)}") from None
     if size is not None and reader.bytes != size:
         raise DataError(f"shard {url}: {reader.bytes} bytes streamed, its index says {size} (truncated or replaced?)")
     if sha256 is not None and reader.sha.hexdigest() != sha256:
