@@ -216,3 +216,30 @@ def test_index_must_not_name_files_outside_its_folder(data, tmp_path, name):
     with pytest.raises(DataError) as e:
         load_index(copy, "val")
     assert str(p) in str(e.value) and repr(name) in str(e.value) and "outside" in str(e.value)
+
+
+def test_reader_rescans_a_changed_shard(tmp_path):
+    """Member offsets are remembered per file version: a re-read is the same, a changed file is read anew."""
+    import io
+    import os
+    import tarfile
+
+    def write(keys):
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for k in keys:
+                for ext, data in [("jpg", f"jpeg-{k}".encode()), ("labels.json", b"[3]")]:
+                    ti = tarfile.TarInfo(f"{k}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+
+    path = tmp_path / "s.tar"
+    write(["a", "b"])
+    first = [(r.key, bytes(r.jpg)) for r in iter_shard(path, 2)]
+    assert first == [("a", b"jpeg-a"), ("b", b"jpeg-b")] == [(r.key, bytes(r.jpg)) for r in iter_shard(path, 2)]
+    write(["a", "b", "c"])
+    assert [r.key for r in iter_shard(path, 3)] == ["a", "b", "c"]
+    data = path.read_bytes()
+    path.write_bytes(data[:2048 + 512 + 3])       # cut inside the data of b.jpg
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(DataError, match="truncated tar .*b.jpg.*in or after sample 'a'"):
+        list(iter_shard(path, 3))

@@ -275,7 +275,8 @@ def _group(members: Iterator[tuple[str, bytes | memoryview]], name: str, where: 
     except DataError as e:
         if key is None:
             raise
-        raise DataError(f"{e}; last complete sample {last!r}, cut in sample {key!r}") from None
+        raise DataError(f"{e}; in or after sample {key!r}"
+                        + (f" (the sample before it, {last!r}, is complete)" if last is not None else "")) from None
     if key is not None:
         n += 1
         yield _finish(name, key, parts)
@@ -286,37 +287,62 @@ def _group(members: Iterator[tuple[str, bytes | memoryview]], name: str, where: 
                         f"(last sample {key!r}; truncated?)")
 
 
+# (path, size, mtime) -> [(name, data offset, size)] of shards this process has read completely: the
+# training stream replays each shard every epoch (in every loader worker), and a re-read then needs no
+# header parsing at all. A changed file has another size or mtime, so it is scanned again.
+_MEMBERS: dict[tuple[str, int, int], list[tuple[str, int, int]]] = {}
+_MEMBERS_MAX_SHARDS = 512
+
+
+def _scan_members(f, view: memoryview, where: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file, read by the standard library's tarfile (ustar,
+    GNU, pax); a cut or corrupt archive raises DataError."""
+    if bytes(view[:512]) == _ZERO_BLOCK:
+        return           # a valid tar without members (tarfile calls it "empty file")
+    try:
+        tf = tarfile.open(fileobj=f, mode="r:")
+    except tarfile.TarError as e:
+        raise DataError(f"{where}: not a readable tar archive ({e})") from None
+    while True:
+        try:
+            ti = tf.next()
+        except tarfile.TarError as e:
+            raise DataError(f"{where}: truncated or corrupt tar ({e})") from None
+        if ti is None:
+            break
+        tf.members = []          # tarfile keeps every header otherwise
+        if ti.isreg():
+            if ti.offset_data + ti.size > len(view):
+                raise DataError(f"{where}: truncated tar (member {ti.name!r} at byte {ti.offset} needs "
+                                f"{ti.size} bytes, {len(view) - ti.offset_data} left)")
+            yield ti.name, ti.offset_data, ti.size
+    # tarfile ends quietly at a cut or corrupt header; a complete archive has its end marker here
+    if bytes(view[tf.offset:tf.offset + 512]) != _ZERO_BLOCK:
+        raise DataError(f"{where}: truncated tar (archive cut or corrupt at byte {tf.offset}: no valid "
+                        f"header and no end-of-archive marker)")
+
+
 def _local_members(path: Path, where: str) -> Iterator[tuple[str, memoryview]]:
-    """(name, data) of each regular file of a local tar: the standard library's tarfile reads the
-    headers, the data stay in place in the memory-mapped file (zero copy; loader workers skip the
-    samples they do not decode without reading them). A cut or corrupt archive raises DataError."""
+    """(name, data) of each regular file of a local tar: headers read by tarfile (once per process and
+    file version, see _MEMBERS), data left in place in the memory-mapped file (zero copy; loader
+    workers skip the samples they do not decode without reading them)."""
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
             view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-            if bytes(view[:512]) == _ZERO_BLOCK:
-                return           # a valid tar without members (tarfile calls it "empty file")
-            try:
-                tf = tarfile.open(fileobj=f, mode="r:")
-            except tarfile.TarError as e:
-                raise DataError(f"{where}: not a readable tar archive ({e})") from None
-            while True:
-                try:
-                    ti = tf.next()
-                except tarfile.TarError as e:
-                    raise DataError(f"{where}: truncated or corrupt tar ({e})") from None
-                if ti is None:
-                    break
-                tf.members = []          # tarfile keeps every header otherwise
-                if ti.isreg():
-                    start, end = ti.offset_data, ti.offset_data + ti.size
-                    if end > len(view):
-                        raise DataError(f"{where}: truncated tar (member {ti.name!r} at byte {ti.offset} needs "
-                                        f"{ti.size} bytes, {len(view) - start} left)")
-                    yield ti.name, view[start:end]
-            # tarfile ends quietly at a cut or corrupt header; a complete archive has its end marker here
-            if bytes(view[tf.offset:tf.offset + 512]) != _ZERO_BLOCK:
-                raise DataError(f"{where}: truncated tar (archive cut or corrupt at byte {tf.offset}: no valid "
-                                f"header and no end-of-archive marker)")
+            ck = (str(path), st.st_size, st.st_mtime_ns)
+            cached = _MEMBERS.get(ck)
+            if cached is not None:
+                for name, start, size in cached:
+                    yield name, view[start:start + size]
+                return
+            members = []
+            for name, start, size in _scan_members(f, view, where):
+                members.append((name, start, size))
+                yield name, view[start:start + size]
+            if len(_MEMBERS) >= _MEMBERS_MAX_SHARDS:
+                _MEMBERS.pop(next(iter(_MEMBERS)))
+            _MEMBERS[ck] = members
     except OSError as e:
         raise DataError(f"{where}: cannot read: {e}") from None
 
