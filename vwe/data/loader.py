@@ -12,6 +12,7 @@ worker: every sample exactly once over all ranks, for any world size and shard c
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 from collections import deque
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vwe.data.shards import RawSample, SplitIndex, load_index, read_shard, verify_shards
+from vwe.data.shards import RawSample, SplitIndex, load_index, read_shard, remember_members, verify_shards
 from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.errors import DataError, VweError
@@ -253,6 +254,12 @@ def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0) 
     b = micro_batch_size(cfg, world)
     ds = _TrainStream(cfg, idx, rank, world, epoch, start_batch, total, b)
     workers = min(cfg.data.num_workers, total - start_batch)
+    if workers and cfg.data.worker_kind == "process":
+        # worker processes are forked afresh each epoch: let them inherit the member offsets of this
+        # rank's shards (read once per process) instead of each parsing every tar header again
+        n = len(idx.shards)
+        first_cycle = itertools.islice(_shard_order(n, cfg.train.seed, epoch, rank, world), -(-n // world))
+        remember_members(idx, [idx.shards[i] for i in first_cycle])
     skipped = 0
     for batch in _run(ds, workers, cfg.data.worker_kind):
         skipped += batch["skipped"]

@@ -449,6 +449,16 @@ def iter_shard(path: Path | str, expected: int | None = None, *, name: str | Non
     yield from _group(_local_members(path, f"shard {path}"), name or path.name, f"shard {path}", expected)
 
 
+def remember_members(index: SplitIndex, shards: list[ShardInfo]) -> None:
+    """Read the tar headers of local shards into this process's offset memory (_MEMBERS), so that
+    loader worker processes forked afterwards start with it instead of each parsing them again."""
+    if index.remote:
+        return
+    for s in shards:
+        for _ in _local_members(Path(index.path(s)), f"shard {index.path(s)}"):
+            pass
+
+
 def read_shard(index: SplitIndex, shard: ShardInfo, verify: bool = True) -> Iterator[RawSample]:
     """The samples of one shard of `index` (local or streamed; a streamed one is verified as it goes)."""
     return iter_shard(index.path(shard), shard.count, name=shard.name, size=shard.bytes,
