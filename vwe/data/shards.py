@@ -173,13 +173,16 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
 
 
 def check_shard_name(name: str, index: str) -> None:
-    """A shard named by an index must lie in the index's folder: a relative path without `..`
-    (and not a URL or pipe: command of its own)."""
+    """A shard named by an index must lie in the index's folder: a relative path without `..` (and not
+    a URL or pipe: command of its own), in plain characters (it may be put into a `pipe:` command)."""
     parts = PurePosixPath(name.replace("\\", "/")).parts
     if (not name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in parts
             or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", name)):
         raise DataError(f"{index}: shard entry {name!r} names a file outside the index's folder "
                         f"(shard names must be relative paths without '..')")
+    if not re.fullmatch(r"[A-Za-z0-9_.+/-]+", name):
+        raise DataError(f"{index}: shard entry {name!r} has characters other than letters, digits and "
+                        f"'_.+-/' (refused: the name may become part of a pipe: command)")
 
 
 def write_index(root: Path, split: str, shards: list[ShardInfo], has_masks: bool,
