@@ -244,3 +244,9 @@ def test_reader_rescans_a_changed_shard(tmp_path):
     os.utime(path, ns=(1, 1))
     with pytest.raises(DataError, match="truncated tar .*b.jpg.*in or after sample 'a'"):
         list(iter_shard(path, 3))
+
+
+def test_binary_index_is_named(tmp_path):
+    (tmp_path / "val.json").write_bytes(bytes(range(256)))
+    with pytest.raises(DataError, match=r"val.json: not a valid shard index"):
+        load_index(tmp_path, "val")

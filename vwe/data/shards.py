@@ -6,7 +6,10 @@ A shard `{split}-{NNNNNN}.tar` holds, per sample (key = image id, in split-list 
     {key}.mask.png     the index mask PNG (0 = background, c+1 = class c, 255 = ignore), when one exists
 The index `{split}.json` lists the shards with sample count, byte size, SHA-256 and keys, plus the
 class names. Tar headers are fixed (mtime 0, uid/gid 0, mode 0444), so the same input gives the same
-bytes and a re-run can keep identical shards untouched.
+bytes and a re-run can keep identical shards untouched. The shards are plain webdataset shards.
+
+Reading: a data root is a local folder (shards memory-mapped, headers read by `tarfile`) or a URL /
+`pipe:` command streamed through webdataset's `gopen` (see `locate`, docs/data.md).
 """
 from __future__ import annotations
 
@@ -123,7 +126,7 @@ def _stream_error(e: BaseException) -> str:
     return f"the reading command exited with status {status}{hint}"
 
 
-def _read_remote_index(url: str, split: str) -> str:
+def _read_remote_index(url: str, split: str) -> bytes:
     from webdataset.gopen import gopen
     try:
         with gopen(url, "rb") as f:
@@ -132,10 +135,7 @@ def _read_remote_index(url: str, split: str) -> str:
         raise DataError(f"no index for split '{split}': cannot read {url} ({_stream_error(e)}; check data.root)") from None
     if not data:
         raise DataError(f"no index for split '{split}': {url} is empty (check data.root)")
-    try:
-        return data.decode()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{url}: not a valid shard index ({e})") from None
+    return data
 
 
 def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
@@ -153,7 +153,7 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
             have = sorted(q.stem for q in root.glob("*.json"))
             raise DataError(f"no index for split '{split}': {p} is missing (splits here: "
                             f"{', '.join(have) or 'none'}; run `vwe prepare`)")
-        text = p.read_text()
+        text = p.read_bytes()
     try:
         d = json.loads(text)
         shards = tuple(ShardInfo(s["name"], int(s["count"]), s["sha256"], int(s["bytes"]), tuple(s["keys"]))
