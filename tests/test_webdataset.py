@@ -182,3 +182,13 @@ def test_train_and_infer_from_an_http_server(shards, serve, tmp_path):
     assert np.isfinite(cam.high_res).all() and cam.high_res.shape[0] == len(cam.keys)
     # a rerun over HTTP finds every CAM done: exactly once
     assert "0 written, 6 already done" in run_vwe("infer", *cfg, f"infer.out_dir={out}", "infer.dtype=float32").stdout
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_streaming_command_survives_preemption_signals(shards, kind):
+    """A job-wide SIGTERM must reach vwe (which checkpoints and stops), not kill the command that streams
+    a shard: here every reading command sends SIGTERM to itself before it reads."""
+    root = f"pipe:kill -TERM $$ && kill -USR1 $$ && cat {shards}/{{name}}"
+    cfg = demo_cfg(root, "data.train_split=train", "train.batch_size=4", "data.num_workers=2",
+                   f"data.worker_kind={kind}")
+    assert _same_batches(_batches(cfg), _batches(demo_cfg(shards, "data.train_split=train", "train.batch_size=4")))

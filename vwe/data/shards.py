@@ -19,6 +19,8 @@ import json
 import mmap
 import os
 import re
+import shlex
+import signal
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -30,6 +32,7 @@ from PIL import Image
 
 from vwe.data import voc as vocdata
 from vwe.errors import DataError
+from vwe.preempt import PREEMPT_SIGNALS
 from vwe.io import atomic_write, file_sha256
 
 INDEX_VERSION = 1
@@ -126,10 +129,29 @@ def _stream_error(e: BaseException) -> str:
     return f"the reading command exited with status {status}{hint}"
 
 
-def _read_remote_index(url: str, split: str) -> bytes:
+# Prefix of the shell commands that stream shards: they ignore the preemption signals (an ignored
+# signal stays ignored in the programs a shell starts). A SIGTERM/SIGUSR1 sent to every process of a job
+# must reach vwe, which stops cleanly after its checkpoint, and not kill a download, whose death would
+# fail the run first. (Loader worker processes ignore these signals for the same reason.)
+_SHIELD = "trap '' " + " ".join(signal.Signals(s).name[3:] for s in PREEMPT_SIGNALS) + "; "
+# what webdataset's gopen runs for http(s) URLs (gopen_curl), here as a shell command so it can be shielded
+_CURL = "exec curl --connect-timeout 30 --retry 30 --retry-delay 2 -f -s -L "
+
+
+def _open_stream(url: str):
+    """Open a remote location with webdataset's gopen; `pipe:` commands and http(s) downloads (curl, as
+    webdataset runs it) are started with the preemption signals ignored (see _SHIELD)."""
     from webdataset.gopen import gopen
+    if url.startswith("pipe:"):
+        return gopen("pipe:" + _SHIELD + url[5:], "rb")
+    if url.startswith(("http://", "https://")):
+        return gopen("pipe:" + _SHIELD + _CURL + shlex.quote(url), "rb")
+    return gopen(url, "rb")
+
+
+def _read_remote_index(url: str, split: str) -> bytes:
     try:
-        with gopen(url, "rb") as f:
+        with _open_stream(url) as f:
             data = f.read()
     except Exception as e:
         raise DataError(f"no index for split '{split}': cannot read {url} ({_stream_error(e)}; check data.root)") from None
@@ -391,9 +413,8 @@ def _remote_members(url: str, where: str, size: int | None,
     `pipe:` commands, ...), parsed by the standard library's tarfile in stream mode. The stream is
     counted and hashed as it goes: at its end the size (and, given `sha256`, the SHA-256) must match the
     index, else DataError naming the shard."""
-    from webdataset.gopen import gopen
     try:
-        stream = gopen(url, "rb")
+        stream = _open_stream(url)
     except Exception as e:
         raise DataError(f"{where}: cannot open: {_stream_error(e)}") from None
     reader, complete = _HashingReader(stream), False
