@@ -31,7 +31,8 @@ def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None
 
 @dataclass
 class DataConfig:
-    root: str = _opt("data/shards", doc="folder holding {split}.json indexes and their shards")
+    root: str = _opt("data/shards", doc="where {split}.json indexes and their shards are: a folder, an http(s) "
+                                        "URL, or a pipe: command with {name} (docs/data.md)")
     train_split: str = _opt("train_aug", doc="split the network trains on")
     infer_split: str = _opt("train", doc="split CAMs are produced and evaluated for")
     crop_size: int = _opt(512, min=16, doc="square random crop (zero padded)")
