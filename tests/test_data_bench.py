@@ -21,5 +21,9 @@ def test_bench_data_writes_figures(tmp_path, repo):
               "pipeline_cpu_ms_per_image", "decode_only_workers_images_per_s",
               "pipeline_threads_images_per_s"):
         assert figures[k] > 0
+    # the default resize reproduces PIL's bicubic (the published code's); bilinear does not
+    assert figures["resize_bicubic_vs_pil_bicubic_mean_abs"] < 0.05
+    assert figures["resize_bilinear_vs_pil_bicubic_mean_abs"] > 0.2
+    assert "resize vs PIL BICUBIC" in proc.stdout
     best = max(figures["pipeline_images_per_s"], figures["pipeline_threads_images_per_s"])
     assert abs(figures["pipeline_over_2021"] - best / figures["reader_2021_images_per_s"]) < 0.01

@@ -178,3 +178,42 @@ def test_inference_with_more_ranks_than_samples(split_variants):
     per_rank = [[s["key"] for s in infer_samples(cfg, r, 30, split="train", with_scales=False)] for r in range(30)]
     assert sorted(k for keys in per_rank for k in keys) == sorted(load_index(root, "train").keys)
     assert sum(1 for keys in per_rank if not keys) == 6
+
+
+def _pil_bicubic(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC)).astype(np.int16)
+
+
+@pytest.mark.parametrize("resize", ["bicubic", "bilinear"])
+def test_inference_scales_follow_data_resize(shards, resize):
+    """data.resize=bicubic (the default) is PIL's bicubic within a small fraction of a grey level;
+    bilinear is a measurably different image."""
+    overrides = [] if resize == "bicubic" else ["data.resize=bilinear"]
+    cfg = demo_cfg(shards, "infer.scales=[0.5,1.5,2.0]", *overrides)
+    for s in infer_samples(cfg, 0, 1, split="val"):
+        ref = s["image"].permute(1, 2, 0).numpy()
+        for x in s["scales"]:
+            h, w = x.shape[-2:]
+            diff = np.abs(x[0].permute(1, 2, 0).numpy().astype(np.int16) - _pil_bicubic(ref, h, w))
+            if resize == "bicubic":
+                assert diff.mean() < 0.05 and diff.max() <= 2, (s["key"], diff.mean())
+            else:
+                assert diff.mean() > 0.2, (s["key"], diff.mean())
+
+
+def test_training_resize_follows_data_resize(shards):
+    """With no crop and no flip, a training sample is the PIL-bicubic resized image placed in padding."""
+    common = ["train.batch_size=4", "data.train_split=val", "data.long_side=[48,48]", "data.crop_size=64",
+              "data.flip=false", "data.shuffle_buffer=0"]
+    src = {s["key"]: s["parts"] for s in samples_of(shards, "val")}
+    bic = _all(demo_cfg(shards, *common), 0, 1)
+    bil = _all(demo_cfg(shards, *common, "data.resize=bilinear"), 0, 1)
+    assert not torch.equal(bic[0]["image"], bil[0]["image"])
+    for key, img in zip(bic[0]["key"], bic[0]["image"]):
+        ref = np.array(Image.open(io.BytesIO(src[key]["jpg"])).convert("RGB"))
+        h0, w0 = ref.shape[:2]
+        h, w = round(h0 * 48 / max(h0, w0)), round(w0 * 48 / max(h0, w0))
+        pad = (img == torch.tensor(MEAN_UINT8, dtype=torch.uint8).view(3, 1, 1)).all(0)
+        ys, xs = np.nonzero(~pad.numpy())
+        got = img[:, ys.min():ys.min() + h, xs.min():xs.min() + w].permute(1, 2, 0).numpy().astype(np.int16)
+        assert np.abs(got - _pil_bicubic(ref, h, w)).mean() < 0.05, key

@@ -154,3 +154,99 @@ def test_reader_accepts_tars_from_other_writers(tmp_path, fmt):
             tf.addfile(ti, io.BytesIO(data))
     (raw,) = list(iter_shard(path, 1))
     assert raw.key == key and raw.jpg == b"\xff\xd8jpegdata" and raw.labels == [1, 2] and raw.error is None
+
+
+def _add_xml_object(xml_path, class_name: str) -> None:
+    text = xml_path.read_text()
+    obj = (f"<object><name>{class_name}</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>1</ymin>"
+           f"<xmax>4</xmax><ymax>4</ymax></bndbox></object>")
+    xml_path.write_text(text.replace("</annotation>", obj + "</annotation>"))
+
+
+def test_labels_come_from_xml_by_default_and_from_masks_as_a_setting(data, tmp_path):
+    src, _ = data
+    voc = tmp_path / "VOC2012"
+    shutil.copytree(src / "VOCdevkit" / "VOC2012", voc)
+    key, no_xml = _ids(voc / "ImageSets/Segmentation/train.txt")[:2]
+    mask_labels = labels_from_mask(decode_mask((voc / "SegmentationClass" / f"{key}.png").read_bytes(), key), key)
+    extra = next(c for c in range(len(CLASS_NAMES)) if c not in mask_labels)
+    _add_xml_object(voc / "Annotations" / f"{key}.xml", CLASS_NAMES[extra])   # a class the mask lacks
+    (voc / "Annotations" / f"{no_xml}.xml").unlink()                           # falls back to its mask
+    out = tmp_path / "xml"
+    prepare(voc, None, out, shard_size=100)
+    idx = load_index(out, "train")
+    assert idx.labels == {"source": "xml", "fallback": "mask", "images_from_fallback": 1}
+    raw = {r.key: r for r in iter_shard(out / idx.shards[0].name)}
+    assert raw[key].labels == sorted(mask_labels + [extra])
+    assert raw[no_xml].labels == labels_from_mask(decode_mask(raw[no_xml].mask, no_xml), no_xml)
+
+    out2 = tmp_path / "mask"
+    proc = run_vwe("prepare", "--voc", str(voc), "--out", str(out2), "--labels", "mask")
+    assert "labels from mask, 0 from the xml fallback" in proc.stdout
+    idx2 = load_index(out2, "train")
+    assert idx2.labels == {"source": "mask", "fallback": "xml", "images_from_fallback": 0}
+    raw2 = {r.key: r for r in iter_shard(out2 / idx2.shards[0].name)}
+    assert raw2[key].labels == mask_labels
+
+
+def test_duplicate_id_in_a_split_list_is_refused(data, tmp_path):
+    src, _ = data
+    voc = tmp_path / "VOC2012"
+    shutil.copytree(src / "VOCdevkit" / "VOC2012", voc)
+    lst = voc / "ImageSets/Segmentation/train.txt"
+    ids = _ids(lst)
+    lst.write_text("\n".join(ids[:3] + ["", ids[1]] + ids[3:]) + "\n")   # id 2 again on line 5
+    with pytest.raises(DataError, match=f"train.txt: image id '{ids[1]}' is listed twice, on lines 2 and 5"):
+        prepare(voc, None, tmp_path / "out")
+    proc = run_vwe("prepare", "--voc", str(voc), "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and f"'{ids[1]}' is listed twice, on lines 2 and 5" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "train.json").exists()
+
+
+@pytest.mark.parametrize("name", ["../train-000000.tar", "/etc/passwd", "sub/../../x.tar", "http://h/x.tar",
+                                  "pipe:cat /etc/passwd", "x.tar; rm -rf ~"])
+def test_index_must_not_name_files_outside_its_folder(data, tmp_path, name):
+    _, out = data
+    copy = tmp_path / "shards"
+    shutil.copytree(out, copy)
+    p = copy / "val.json"
+    d = json.loads(p.read_text())
+    d["shards"][0]["name"] = name
+    p.write_text(json.dumps(d))
+    with pytest.raises(DataError) as e:
+        load_index(copy, "val")
+    assert str(p) in str(e.value) and repr(name) in str(e.value)
+    assert ("outside" if ";" not in name else "refused") in str(e.value)
+
+
+def test_reader_rescans_a_changed_shard(tmp_path):
+    """Member offsets are remembered per file version: a re-read is the same, a changed file is read anew."""
+    import io
+    import os
+    import tarfile
+
+    def write(keys):
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for k in keys:
+                for ext, data in [("jpg", f"jpeg-{k}".encode()), ("labels.json", b"[3]")]:
+                    ti = tarfile.TarInfo(f"{k}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+
+    path = tmp_path / "s.tar"
+    write(["a", "b"])
+    first = [(r.key, bytes(r.jpg)) for r in iter_shard(path, 2)]
+    assert first == [("a", b"jpeg-a"), ("b", b"jpeg-b")] == [(r.key, bytes(r.jpg)) for r in iter_shard(path, 2)]
+    write(["a", "b", "c"])
+    assert [r.key for r in iter_shard(path, 3)] == ["a", "b", "c"]
+    data = path.read_bytes()
+    path.write_bytes(data[:2048 + 512 + 3])       # cut inside the data of b.jpg
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(DataError, match="truncated tar .*b.jpg.*in or after sample 'a'"):
+        list(iter_shard(path, 3))
+
+
+def test_binary_index_is_named(tmp_path):
+    (tmp_path / "val.json").write_bytes(bytes(range(256)))
+    with pytest.raises(DataError, match=r"val.json: not a valid shard index"):
+        load_index(tmp_path, "val")

@@ -42,7 +42,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from vwe.data.shards import prepare
     prepare(Path(args.voc), Path(args.sbd) if args.sbd else None, Path(args.out),
-            shard_size=args.shard_size)
+            shard_size=args.shard_size, labels=args.labels)
     return 0
 
 
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbd", default=None, help="SBD benchmark_RELEASE folder (for train_aug)")
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--labels", choices=["xml", "mask"], default="xml",
+                   help="image labels from the XML annotations (default, as the published code) or from "
+                        "the masks; each falls back to the other where its file is missing")
     p.set_defaults(func=cmd_prepare)
 
     for name, func, text in [("train", cmd_train, "train the CAM network"),

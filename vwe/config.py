@@ -31,12 +31,15 @@ def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None
 
 @dataclass
 class DataConfig:
-    root: str = _opt("data/shards", doc="folder holding {split}.json indexes and their shards")
+    root: str = _opt("data/shards", doc="where {split}.json indexes and their shards are: a folder, an http(s) "
+                                        "URL, or a pipe: command with {name} (docs/data.md)")
     train_split: str = _opt("train_aug", doc="split the network trains on")
     infer_split: str = _opt("train", doc="split CAMs are produced and evaluated for")
     crop_size: int = _opt(512, min=16, doc="square random crop (zero padded)")
     long_side: list[int] = _opt([320, 640], doc="resize so the long side is uniform in [lo, hi]")
     flip: bool = _opt(True, doc="random horizontal flip")
+    resize: str = _opt("bicubic", choices=("bicubic", "bilinear"),
+                       doc="image resize (training and every inference scale), antialiased; bicubic = PIL's, as published")
     num_workers: int = _opt(2, min=0, doc="loader workers per rank (training; inference uses infer.num_workers)")
     worker_kind: str = _opt("process", choices=("process", "thread"),
                             doc="loader workers as DataLoader processes or as threads of the rank's process")

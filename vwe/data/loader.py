@@ -12,6 +12,7 @@ worker: every sample exactly once over all ranks, for any world size and shard c
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 from collections import deque
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vwe.data.shards import RawSample, SplitIndex, iter_shard, load_index, verify_shards
+from vwe.data.shards import RawSample, SplitIndex, load_index, read_shard, remember_members, verify_shards
 from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.errors import DataError, VweError
@@ -91,7 +92,7 @@ class _TrainStream(IterableDataset):
         buf: list[RawSample] = []
         size = self.d.shuffle_buffer
         for s in _shard_order(len(shards), self.seed, self.epoch, self.rank, self.world):
-            for raw in iter_shard(self.index.path(shards[s]), shards[s].count):
+            for raw in read_shard(self.index, shards[s], self.d.verify_shards):
                 if size <= 1:
                     yield raw
                     continue
@@ -153,7 +154,8 @@ class _TrainStream(IterableDataset):
         for i, raw in enumerate(samples):
             try:
                 train_augment(raw.jpg, sample_rng(self.seed, self.epoch, raw.key), tuple(self.d.long_side), crop,
-                              self.d.flip, image[i], f"shard {raw.shard}, sample {raw.key!r}", raw.mask)
+                              self.d.flip, image[i], f"shard {raw.shard}, sample {raw.key!r}", raw.mask,
+                              self.d.resize)
                 ok[i] = True
             except DataError as e:
                 if not skip_mode:
@@ -252,6 +254,12 @@ def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0) 
     b = micro_batch_size(cfg, world)
     ds = _TrainStream(cfg, idx, rank, world, epoch, start_batch, total, b)
     workers = min(cfg.data.num_workers, total - start_batch)
+    if workers and cfg.data.worker_kind == "process":
+        # worker processes are forked afresh each epoch: let them inherit the member offsets of this
+        # rank's shards (read once per process) instead of each parsing every tar header again
+        n = len(idx.shards)
+        first_cycle = itertools.islice(_shard_order(n, cfg.train.seed, epoch, rank, world), -(-n // world))
+        remember_members(idx, [idx.shards[i] for i in first_cycle])
     skipped = 0
     for batch in _run(ds, workers, cfg.data.worker_kind):
         skipped += batch["skipped"]
@@ -266,6 +274,8 @@ class _InferStream(IterableDataset):
         self.with_image = with_image or with_scales
         self.scales = list(cfg.infer.scales) if with_scales else None
         self.flip = cfg.infer.flip
+        self.resize = cfg.data.resize
+        self.verify = cfg.data.verify_shards
         self.skip_mode = cfg.data.on_corrupt == "skip"
 
     def __iter__(self) -> Iterator[dict]:
@@ -285,7 +295,7 @@ class _InferStream(IterableDataset):
             if pos + shard.count <= lo or pos >= hi:
                 pos += shard.count
                 continue
-            for raw in iter_shard(self.index.path(shard), shard.count):
+            for raw in read_shard(self.index, shard, self.verify):
                 if lo <= pos < hi:
                     yield (raw,)
                 pos += 1
@@ -318,7 +328,7 @@ class _InferStream(IterableDataset):
         if self.with_image:
             out["image"] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
         if self.scales is not None:
-            out["scales"] = [resize_pair(im, s, self.flip) for s in self.scales]
+            out["scales"] = [resize_pair(im, s, self.flip, self.resize) for s in self.scales]
         return out
 
 

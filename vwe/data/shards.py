@@ -6,7 +6,10 @@ A shard `{split}-{NNNNNN}.tar` holds, per sample (key = image id, in split-list 
     {key}.mask.png     the index mask PNG (0 = background, c+1 = class c, 255 = ignore), when one exists
 The index `{split}.json` lists the shards with sample count, byte size, SHA-256 and keys, plus the
 class names. Tar headers are fixed (mtime 0, uid/gid 0, mode 0444), so the same input gives the same
-bytes and a re-run can keep identical shards untouched.
+bytes and a re-run can keep identical shards untouched. The shards are plain webdataset shards.
+
+Reading: a data root is a local folder (shards memory-mapped, headers read by `tarfile`) or a URL /
+`pipe:` command streamed through webdataset's `gopen` (see `locate`, docs/data.md).
 """
 from __future__ import annotations
 
@@ -15,15 +18,21 @@ import io
 import json
 import mmap
 import os
+import re
+import shlex
+import signal
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from PIL import Image
 
 from vwe.data import voc as vocdata
 from vwe.errors import DataError
+from vwe.preempt import PREEMPT_SIGNALS
 from vwe.io import atomic_write, file_sha256
 
 INDEX_VERSION = 1
@@ -42,11 +51,12 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class SplitIndex:
-    root: Path
+    root: Path | str                 # a local folder, or a URL / `pipe:` command (see `locate`)
     split: str
     shards: tuple[ShardInfo, ...]
     class_names: tuple[str, ...]
     has_masks: bool
+    labels: dict | None = None       # where the image labels came from (prepare's record), if known
 
     @property
     def num_samples(self) -> int:
@@ -56,8 +66,13 @@ class SplitIndex:
     def keys(self) -> list[str]:
         return [k for s in self.shards for k in s.keys]
 
-    def path(self, shard: ShardInfo) -> Path:
-        return self.root / shard.name
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.root)
+
+    def path(self, shard: ShardInfo) -> Path | str:
+        """The shard's local path, or its URL / `pipe:` command when the root is remote."""
+        return locate(self.root, shard.name)
 
 
 @dataclass
@@ -71,29 +86,106 @@ class RawSample:
     error: str | None = None
 
 
-# ---------------------------------------------------------------- index
+# ---------------------------------------------------------------- locations
 
-def index_path(root: Path, split: str) -> Path:
-    return Path(root) / f"{split}.json"
+def is_remote(root: str | os.PathLike) -> bool:
+    """True for a location webdataset's gopen streams: a URL with a scheme (http://, https://, ...,
+    not file://) or a `pipe:` command; False for a local path."""
+    text = str(root)
+    return text.startswith("pipe:") or (re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", text) is not None
+                                        and not text.startswith("file://"))
+
+
+def _local_root(root: str | os.PathLike) -> Path:
+    text = str(root)
+    return Path(url2pathname(urlparse(text).path)) if text.startswith("file://") else Path(root)
+
+
+def locate(root: str | os.PathLike, name: str) -> Path | str:
+    """Where file `name` (an index or a shard) of a data root is: a local path, `{root}/{name}` for a
+    URL, or the `pipe:` command with `{name}` replaced."""
+    text = str(root)
+    if not is_remote(text):
+        return _local_root(root) / name
+    if text.startswith("pipe:"):
+        if "{name}" not in text:
+            raise DataError(f"data.root {text!r}: a pipe: command must contain {{name}}, which is replaced by "
+                            f"the file to read (e.g. 'pipe:curl -s -f https://host/shards/{{name}}')")
+        return text.replace("{name}", name)
+    return text.rstrip("/") + "/" + name
+
+
+def index_path(root: str | os.PathLike, split: str) -> Path | str:
+    return locate(root, f"{split}.json")
+
+
+def _stream_error(e: BaseException) -> str:
+    """webdataset's message for a failed reading command, shortened to what a user acts on."""
+    m = re.search(r"exit (-?\d+)", str(e))
+    if m is None:
+        return str(e)
+    status = int(m.group(1))
+    hint = " (curl: the server answered with an HTTP error, e.g. 404 not found)" if status == 22 else ""
+    return f"the reading command exited with status {status}{hint}"
+
+
+# Prefix of the shell commands that stream shards: they ignore the preemption signals (an ignored
+# signal stays ignored in the programs a shell starts). A SIGTERM/SIGUSR1 sent to every process of a job
+# must reach vwe, which stops cleanly after its checkpoint, and not kill a download, whose death would
+# fail the run first. (Loader worker processes ignore these signals for the same reason.)
+_SHIELD = "trap '' " + " ".join(signal.Signals(s).name[3:] for s in PREEMPT_SIGNALS) + "; "
+# what webdataset's gopen runs for http(s) URLs (gopen_curl), here as a shell command so it can be shielded
+_CURL = "exec curl --connect-timeout 30 --retry 30 --retry-delay 2 -f -s -L "
+
+
+def _open_stream(url: str):
+    """Open a remote location with webdataset's gopen; `pipe:` commands and http(s) downloads (curl, as
+    webdataset runs it) are started with the preemption signals ignored (see _SHIELD)."""
+    from webdataset.gopen import gopen
+    if url.startswith("pipe:"):
+        return gopen("pipe:" + _SHIELD + url[5:], "rb")
+    if url.startswith(("http://", "https://")):
+        return gopen("pipe:" + _SHIELD + _CURL + shlex.quote(url), "rb")
+    return gopen(url, "rb")
+
+
+def _read_remote_index(url: str, split: str) -> bytes:
+    try:
+        with _open_stream(url) as f:
+            data = f.read()
+    except Exception as e:
+        raise DataError(f"no index for split '{split}': cannot read {url} ({_stream_error(e)}; check data.root)") from None
+    if not data:
+        raise DataError(f"no index for split '{split}': {url} is empty (check data.root)")
+    return data
 
 
 def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
-    """Read and check `{root}/{split}.json`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root} (set data.root, or run `vwe prepare --out {root}`)")
-    p = index_path(root, split)
-    if not p.is_file():
-        have = sorted(q.stem for q in root.glob("*.json"))
-        raise DataError(f"no index for split '{split}': {p} is missing (splits here: {', '.join(have) or 'none'};"
-                        f" run `vwe prepare`)")
+    """Read and check `{split}.json` of a data root (a folder, a URL or a `pipe:` command)."""
+    if is_remote(root):
+        root = str(root)
+        p = index_path(root, split)
+        text = _read_remote_index(p, split)
+    else:
+        root = _local_root(root)
+        if not root.is_dir():
+            raise DataError(f"data folder not found: {root} (set data.root, or run `vwe prepare --out {root}`)")
+        p = index_path(root, split)
+        if not p.is_file():
+            have = sorted(q.stem for q in root.glob("*.json"))
+            raise DataError(f"no index for split '{split}': {p} is missing (splits here: "
+                            f"{', '.join(have) or 'none'}; run `vwe prepare`)")
+        text = p.read_bytes()
     try:
-        d = json.loads(p.read_text())
+        d = json.loads(text)
         shards = tuple(ShardInfo(s["name"], int(s["count"]), s["sha256"], int(s["bytes"]), tuple(s["keys"]))
                        for s in d["shards"])
-        idx = SplitIndex(root, d["split"], shards, tuple(d["class_names"]), bool(d["has_masks"]))
+        idx = SplitIndex(root, d["split"], shards, tuple(d["class_names"]), bool(d["has_masks"]),
+                         d.get("labels"))
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{p}: not a valid shard index ({type(e).__name__}: {e})") from None
+    for s in shards:
+        check_shard_name(s.name, str(p))
     if len(idx.class_names) != vocdata.NUM_CLASSES:
         raise DataError(f"{p}: {len(idx.class_names)} class names, expected {vocdata.NUM_CLASSES}")
     for s in shards:
@@ -102,9 +194,25 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
     return idx
 
 
-def write_index(root: Path, split: str, shards: list[ShardInfo], has_masks: bool) -> Path:
+def check_shard_name(name: str, index: str) -> None:
+    """A shard named by an index must lie in the index's folder: a relative path without `..` (and not
+    a URL or pipe: command of its own), in plain characters (it may be put into a `pipe:` command)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (not name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in parts
+            or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", name)):
+        raise DataError(f"{index}: shard entry {name!r} names a file outside the index's folder "
+                        f"(shard names must be relative paths without '..')")
+    if not re.fullmatch(r"[A-Za-z0-9_.+/-]+", name):
+        raise DataError(f"{index}: shard entry {name!r} has characters other than letters, digits and "
+                        f"'_.+-/' (refused: the name may become part of a pipe: command)")
+
+
+def write_index(root: Path, split: str, shards: list[ShardInfo], has_masks: bool,
+                labels: dict | None = None) -> Path:
+    """Write `{root}/{split}.json`; `labels` records where the image labels came from."""
     d = {"version": INDEX_VERSION, "split": split, "num_samples": sum(s.count for s in shards),
          "class_names": list(vocdata.CLASS_NAMES), "has_masks": has_masks,
+         **({"labels": labels} if labels is not None else {}),
          "sample_format": {"image": EXT_IMAGE, "labels": EXT_LABELS, "mask": EXT_MASK},
          "shards": [{"name": s.name, "count": s.count, "bytes": s.bytes, "sha256": s.sha256,
                      "keys": list(s.keys)} for s in shards]}
@@ -119,7 +227,10 @@ _VERIFIED: dict[tuple[str, int, int], str] = {}
 
 
 def verify_shards(index: SplitIndex, shards: list[ShardInfo] | None = None) -> None:
-    """Check that each shard exists with its indexed size and SHA-256 (cached per process by mtime/size)."""
+    """Check that each shard exists with its indexed size and SHA-256 (cached per process by mtime/size).
+    Streamed shards are not downloaded twice: they are checked as they are read (`read_shard`)."""
+    if index.remote:
+        return
     for s in shards if shards is not None else index.shards:
         p = index.path(s)
         if not p.is_file():
@@ -169,79 +280,13 @@ def _finish(shard: str, key: str, parts: dict[str, bytes]) -> RawSample:
 _ZERO_BLOCK = bytes(512)
 
 
-def _octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:          # GNU base-256 for large sizes
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _pax_path(data: bytes) -> str | None:
-    for rec in data.decode("utf-8", "replace").split("\n"):
-        _, _, kv = rec.partition(" ")
-        if kv.startswith("path="):
-            return kv[5:]
-    return None
-
-
-def _tar_members(mm, where: str) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file in a tar held in a buffer; a cut or corrupt
-    archive raises DataError. A small ustar/GNU/pax reader: it keeps the data in place (mmap) so loader
-    workers can skip the samples they do not decode without reading them."""
-    off, n, long_name = 0, len(mm), None
-    while True:
-        if off + 512 > n:
-            raise DataError(f"{where}: truncated tar (archive cut inside a header or before its end marker)")
-        hdr = bytes(mm[off:off + 512])
-        if hdr == _ZERO_BLOCK:
-            return
-        stored = _octal(hdr[148:156])
-        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise DataError(f"{where}: corrupt tar header at byte {off} (checksum mismatch)")
-        size, flag = _octal(hdr[124:136]), hdr[156:157]
-        start = off + 512
-        if start + size > n:
-            raise DataError(f"{where}: truncated tar (member at byte {off} needs {size} bytes, "
-                            f"{n - start} left)")
-        off = start + (size + 511) // 512 * 512
-        if flag == b"L":
-            long_name = bytes(mm[start:start + size]).split(b"\0", 1)[0].decode()
-            continue
-        if flag in (b"x", b"g"):
-            if flag == b"x":
-                long_name = _pax_path(bytes(mm[start:start + size])) or long_name
-            continue
-        name = hdr[:100].split(b"\0", 1)[0].decode()
-        if hdr[257:262] == b"ustar" and hdr[345:500].strip(b"\0"):
-            name = hdr[345:500].split(b"\0", 1)[0].decode() + "/" + name
-        if long_name is not None:
-            name, long_name = long_name, None
-        if flag in (b"0", b"\0", b"7"):
-            yield name, start, size
-
-
-def iter_shard(path: Path, expected: int | None = None) -> Iterator[RawSample]:
-    """Samples of one shard in stored order. Bad samples come with `error` set (the caller decides);
-    a shard that is missing, empty, truncated or unreadable raises DataError naming it.
-
-    `jpg` and `mask` are zero-copy memoryviews into the memory-mapped shard (they compare equal to
-    bytes; `bytes(...)` copies them)."""
-    path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise DataError(f"shard {path} is missing")
-    if path.stat().st_size == 0:
-        raise DataError(f"shard {path} is empty (0 bytes)")
+def _group(members: Iterator[tuple[str, bytes | memoryview]], name: str, where: str,
+           expected: int | None) -> Iterator[RawSample]:
+    """Samples from tar members in stored order: consecutive members sharing the key before the first
+    '.' of their file name (folders dropped) form one sample, as webdataset groups them."""
+    n, key, parts, last = 0, None, {}, None
     try:
-        with open(path, "rb") as f:
-            mm = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-    except OSError as e:
-        raise DataError(f"shard {path}: cannot read: {e}") from None
-    n = 0
-    key, parts = None, {}
-    last = None
-    try:
-        for member, start, size in _tar_members(mm, f"shard {path}"):
+        for member, data in members:
             k, _, ext = member.rsplit("/", 1)[-1].partition(".")
             if k != key:
                 if key is not None:
@@ -249,17 +294,199 @@ def iter_shard(path: Path, expected: int | None = None) -> Iterator[RawSample]:
                     last = key
                     yield _finish(name, key, parts)
                 key, parts = k, {}
-            parts[ext] = mm[start:start + size]
+            if ext in parts:
+                raise DataError(f"{where}: member {member!r} appears twice in sample {key!r}")
+            parts[ext] = data
     except DataError as e:
-        raise DataError(f"{e}; last complete sample {last!r}, cut in sample {key!r}") from None
+        if key is None:
+            raise
+        raise DataError(f"{e}; in or after sample {key!r}"
+                        + (f" (the sample before it, {last!r}, is complete)" if last is not None else "")) from None
     if key is not None:
         n += 1
         yield _finish(name, key, parts)
     if n == 0:
-        raise DataError(f"shard {path} holds no samples (empty tar)")
+        raise DataError(f"{where} holds no samples (empty tar)")
     if expected is not None and n != expected:
-        raise DataError(f"shard {path}: {n} samples read but its index says {expected} "
+        raise DataError(f"{where}: {n} samples read but its index says {expected} "
                         f"(last sample {key!r}; truncated?)")
+
+
+# (path, size, mtime) -> [(name, data offset, size)] of shards this process has read completely: the
+# training stream replays each shard every epoch (in every loader worker), and a re-read then needs no
+# header parsing at all. A changed file has another size or mtime, so it is scanned again.
+_MEMBERS: dict[tuple[str, int, int], list[tuple[str, int, int]]] = {}
+_MEMBERS_MAX_SHARDS = 512
+
+
+def _scan_members(f, view: memoryview, where: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file, read by the standard library's tarfile (ustar,
+    GNU, pax); a cut or corrupt archive raises DataError."""
+    if bytes(view[:512]) == _ZERO_BLOCK:
+        return           # a valid tar without members (tarfile calls it "empty file")
+    try:
+        tf = tarfile.open(fileobj=f, mode="r:")
+    except tarfile.TarError as e:
+        raise DataError(f"{where}: not a readable tar archive ({e})") from None
+    while True:
+        try:
+            ti = tf.next()
+        except tarfile.TarError as e:
+            raise DataError(f"{where}: truncated or corrupt tar ({e})") from None
+        if ti is None:
+            break
+        tf.members = []          # tarfile keeps every header otherwise
+        if ti.isreg():
+            if ti.offset_data + ti.size > len(view):
+                raise DataError(f"{where}: truncated tar (member {ti.name!r} at byte {ti.offset} needs "
+                                f"{ti.size} bytes, {len(view) - ti.offset_data} left)")
+            yield ti.name, ti.offset_data, ti.size
+    # tarfile ends quietly at a cut or corrupt header; a complete archive has its end marker here
+    if bytes(view[tf.offset:tf.offset + 512]) != _ZERO_BLOCK:
+        raise DataError(f"{where}: truncated tar (archive cut or corrupt at byte {tf.offset}: no valid "
+                        f"header and no end-of-archive marker)")
+
+
+def _local_members(path: Path, where: str) -> Iterator[tuple[str, memoryview]]:
+    """(name, data) of each regular file of a local tar: headers read by tarfile (once per process and
+    file version, see _MEMBERS), data left in place in the memory-mapped file (zero copy; loader
+    workers skip the samples they do not decode without reading them)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            ck = (str(path), st.st_size, st.st_mtime_ns)
+            cached = _MEMBERS.get(ck)
+            if cached is not None:
+                for name, start, size in cached:
+                    yield name, view[start:start + size]
+                return
+            members = []
+            for name, start, size in _scan_members(f, view, where):
+                members.append((name, start, size))
+                yield name, view[start:start + size]
+            if len(_MEMBERS) >= _MEMBERS_MAX_SHARDS:
+                _MEMBERS.pop(next(iter(_MEMBERS)))
+            _MEMBERS[ck] = members
+    except OSError as e:
+        raise DataError(f"{where}: cannot read: {e}") from None
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts what passes through it; `unread` puts bytes back."""
+
+    def __init__(self, stream):
+        self.stream, self.sha, self.bytes, self.pending = stream, hashlib.sha256(), 0, b""
+
+    def unread(self, data: bytes) -> None:
+        self.pending = data + self.pending
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pending:
+            data = self.pending if n < 0 else self.pending[:n]
+            self.pending = self.pending[len(data):]
+            return data
+        data = self.stream.read(n)
+        self.sha.update(data)
+        self.bytes += len(data)
+        return data
+
+
+def _close_stream(stream, complete: bool) -> None:
+    """Close a gopen stream. After a complete read its errors (e.g. curl's exit status) propagate; a
+    stream abandoned early (the reader had what it needed) has its process ended quietly."""
+    proc = getattr(stream, "proc", None)
+    if complete:
+        stream.close()
+        return
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+    try:
+        stream.close()
+    except Exception:   # the killed command's status: nothing was expected from it any more
+        pass
+
+
+def _remote_members(url: str, where: str, size: int | None,
+                    sha256: str | None) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a shard streamed through webdataset's gopen (http(s) by curl,
+    `pipe:` commands, ...), parsed by the standard library's tarfile in stream mode. The stream is
+    counted and hashed as it goes: at its end the size (and, given `sha256`, the SHA-256) must match the
+    index, else DataError naming the shard."""
+    try:
+        stream = _open_stream(url)
+    except Exception as e:
+        raise DataError(f"{where}: cannot open: {_stream_error(e)}") from None
+    reader, complete = _HashingReader(stream), False
+    try:
+        try:
+            head = reader.read(512)
+            reader.unread(head)
+            # a valid tar without members starts with its end marker (tarfile calls that "empty file")
+            members = () if head == _ZERO_BLOCK else tarfile.open(fileobj=reader, mode="r|")
+            for ti in members:
+                members.members = []
+                if ti.isreg():
+                    yield ti.name, members.extractfile(ti).read()
+            while reader.read(1 << 16):     # the end-of-archive blocks and padding: all bytes get hashed
+                pass
+        except (tarfile.TarError, OSError, ValueError) as e:
+            msg = _stream_error(e)
+            try:
+                _close_stream(stream, True)
+            except Exception as status:      # the reading command's exit status says more
+                if _stream_error(status) != msg:
+                    msg = f"{msg}; {_stream_error(status)}"
+            raise DataError(f"{where}: cannot read the streamed tar: {msg}") from None
+        complete = True
+    finally:
+        try:
+            _close_stream(stream, complete)
+        except Exception as e:
+            raise DataError(f"{where}: the stream failed: {_stream_error(e)}") from None
+    if size is not None and reader.bytes != size:
+        raise DataError(f"shard {url}: {reader.bytes} bytes streamed, its index says {size} (truncated or replaced?)")
+    if sha256 is not None and reader.sha.hexdigest() != sha256:
+        raise DataError(f"shard {url}: SHA-256 {reader.sha.hexdigest()[:16]}... of the streamed bytes does not "
+                        f"match its index ({sha256[:16]}...)")
+
+
+def iter_shard(path: Path | str, expected: int | None = None, *, name: str | None = None,
+               size: int | None = None, sha256: str | None = None) -> Iterator[RawSample]:
+    """Samples of one shard in stored order. Bad samples come with `error` set (the caller decides);
+    a shard that is missing, empty, truncated or unreadable raises DataError naming it.
+
+    `path` is a local file (read memory-mapped: `jpg` and `mask` are zero-copy memoryviews, which
+    compare equal to bytes) or a URL / `pipe:` command (see `is_remote`), streamed; a streamed shard is
+    checked against `size` and `sha256` (its index entry) at its end. `name` names the shard in samples
+    (default: the file name)."""
+    if isinstance(path, str) and is_remote(path):
+        where = f"shard {path}"
+        yield from _group(_remote_members(path, where, size, sha256), name or path.rsplit("/", 1)[-1],
+                          where, expected)
+        return
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard {path} is missing")
+    if path.stat().st_size == 0:
+        raise DataError(f"shard {path} is empty (0 bytes)")
+    yield from _group(_local_members(path, f"shard {path}"), name or path.name, f"shard {path}", expected)
+
+
+def remember_members(index: SplitIndex, shards: list[ShardInfo]) -> None:
+    """Read the tar headers of local shards into this process's offset memory (_MEMBERS), so that
+    loader worker processes forked afterwards start with it instead of each parsing them again."""
+    if index.remote:
+        return
+    for s in shards:
+        for _ in _local_members(Path(index.path(s)), f"shard {index.path(s)}"):
+            pass
+
+
+def read_shard(index: SplitIndex, shard: ShardInfo, verify: bool = True) -> Iterator[RawSample]:
+    """The samples of one shard of `index` (local or streamed; a streamed one is verified as it goes)."""
+    return iter_shard(index.path(shard), shard.count, name=shard.name, size=shard.bytes,
+                      sha256=shard.sha256 if verify else None)
 
 
 # ---------------------------------------------------------------- writing
@@ -306,11 +533,21 @@ def _jpeg_size(data: bytes, where: str) -> tuple[int, int]:
     return size
 
 
-class _Source:
-    """Finds image, mask and labels for an id in VOC (+SBD) folders."""
+LABEL_SOURCES = ("xml", "mask")
 
-    def __init__(self, layout: vocdata.VocLayout, sbd_dir: Path | None):
-        self.layout, self.sbd_dir = layout, sbd_dir
+
+class _Source:
+    """Finds image, mask and labels for an id in VOC (+SBD) folders.
+
+    Image labels come from `labels` first ("xml": the VOC annotation, every object including difficult
+    ones, as the published code's cls_labels.npy; "mask": the classes present in the mask) and from the
+    other where that file is missing; `counts` tallies which one each image used."""
+
+    def __init__(self, layout: vocdata.VocLayout, sbd_dir: Path | None, labels: str = "xml"):
+        if labels not in LABEL_SOURCES:
+            raise DataError(f"label source must be one of {', '.join(LABEL_SOURCES)}, got {labels!r}")
+        self.layout, self.sbd_dir, self.labels = layout, sbd_dir, labels
+        self.counts = {"xml": 0, "mask": 0}
 
     def sample(self, image_id: str) -> RawSample:
         lay = self.layout
@@ -321,7 +558,7 @@ class _Source:
             raise DataError(f"image {image_id!r}: {lay.images / (image_id + '.jpg')} not found")
         jpg = jpg_path.read_bytes()
         w, h = _jpeg_size(jpg, str(jpg_path))
-        mask, mask_src = None, None
+        mask, mask_src, mask_labels = None, None, None
         for cand in (lay.seg_class / f"{image_id}.png",
                      self.sbd_dir / "cls" / f"{image_id}.mat" if self.sbd_dir else None,
                      lay.seg_class_aug / f"{image_id}.png"):
@@ -337,13 +574,18 @@ class _Source:
                 arr = vocdata.decode_mask(mask, str(mask_src))
             if arr.shape != (h, w):
                 raise DataError(f"{mask_src}: mask is {arr.shape[1]}x{arr.shape[0]} but image {jpg_path} is {w}x{h}")
-            labels = vocdata.labels_from_mask(arr, str(mask_src))
-        else:
-            xml = lay.annotations / f"{image_id}.xml"
-            if not xml.is_file():
-                raise DataError(f"image {image_id!r}: no mask (SegmentationClass, SBD, SegmentationClassAug) "
-                                f"and no annotation {xml}")
-            labels = vocdata.labels_from_xml(xml)
+            mask_labels = vocdata.labels_from_mask(arr, str(mask_src))
+        xml = lay.annotations / f"{image_id}.xml"
+        use = self.labels
+        if use == "xml" and not xml.is_file():
+            use = "mask"
+        elif use == "mask" and mask_labels is None:
+            use = "xml"
+        if use == "mask" and mask_labels is None or use == "xml" and not xml.is_file():
+            raise DataError(f"image {image_id!r}: no annotation {xml} and no mask (SegmentationClass, SBD, "
+                            f"SegmentationClassAug)")
+        labels = vocdata.labels_from_xml(xml) if use == "xml" else mask_labels
+        self.counts[use] += 1
         return RawSample("", image_id, jpg, labels, mask)
 
 
@@ -359,10 +601,14 @@ def split_ids(layout: vocdata.VocLayout, sbd_dir: Path | None) -> dict[str, list
     return {"train_aug": aug, "train": train, "val": val}
 
 
-def prepare(voc: Path, sbd: Path | None, out: Path, shard_size: int = 1000) -> None:
-    """Convert VOC2012 (+SBD) into shards and an index per split under `out`."""
+def prepare(voc: Path, sbd: Path | None, out: Path, shard_size: int = 1000, labels: str = "xml") -> None:
+    """Convert VOC2012 (+SBD) into shards and an index per split under `out`; image labels from the
+    XML annotations (`labels="xml"`, as the published code) or from the masks (`"mask"`), each falling
+    back to the other where its file is missing."""
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1, got {shard_size}")
+    if labels not in LABEL_SOURCES:
+        raise DataError(f"label source must be one of {', '.join(LABEL_SOURCES)}, got {labels!r}")
     layout = vocdata.find_voc(Path(voc))
     print(f"prepare: VOC2012 data found at {layout.root}")
     sbd_dir = vocdata.find_sbd(Path(sbd)) if sbd is not None else None
@@ -374,10 +620,10 @@ def prepare(voc: Path, sbd: Path | None, out: Path, shard_size: int = 1000) -> N
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tar.tmp*"):
         stale.unlink()
-    source = _Source(layout, sbd_dir)
     for split, ids in split_ids(layout, sbd_dir).items():
         if not ids:
             raise DataError(f"split '{split}' is empty")
+        source = _Source(layout, sbd_dir, labels)
         infos, rewritten, with_mask = [], 0, 0
         for i in range(0, len(ids), shard_size):
             samples = [source.sample(k) for k in ids[i:i + shard_size]]
@@ -385,10 +631,13 @@ def prepare(voc: Path, sbd: Path | None, out: Path, shard_size: int = 1000) -> N
             info, new = write_shard(out / f"{split}-{i // shard_size:06d}.tar", samples)
             infos.append(info)
             rewritten += new
-        write_index(out, split, infos, has_masks=with_mask == len(ids))
+        other = "mask" if labels == "xml" else "xml"
+        label_info = {"source": labels, "fallback": other, "images_from_fallback": source.counts[other]}
+        write_index(out, split, infos, has_masks=with_mask == len(ids), labels=label_info)
         listed = {s.name for s in infos}
         for old in out.glob(f"{split}-*.tar"):
             if old.name not in listed:
                 old.unlink()
-        print(f"prepare: {split}: {len(ids)} samples ({with_mask} with masks) in {len(infos)} shards "
+        print(f"prepare: {split}: {len(ids)} samples ({with_mask} with masks; labels from {labels}, "
+              f"{source.counts[other]} from the {other} fallback) in {len(infos)} shards "
               f"({rewritten} written, {len(infos) - rewritten} kept identical) -> {index_path(out, split)}")

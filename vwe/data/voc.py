@@ -89,14 +89,21 @@ def find_sbd(path: Path) -> Path:
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Image ids of a split list file (one per line; blank lines ignored)."""
+    """Image ids of a split list file (one per line; blank lines ignored); an id listed twice is refused
+    (it would be trained on twice and its CAM written and scored twice)."""
     if not path.is_file():
         raise DataError(f"split list not found: {path}")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    for i in ids:
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        i = line.split()[0]
         if "." in i or "/" in i:
             raise DataError(f"{path}: image id {i!r} contains '.' or '/', which a shard key cannot hold")
-    return ids
+        if i in first_line:
+            raise DataError(f"{path}: image id {i!r} is listed twice, on lines {first_line[i]} and {lineno}")
+        first_line[i] = lineno
+    return list(first_line)
 
 
 def labels_from_mask(mask: np.ndarray, where: str) -> list[int]:
