@@ -56,7 +56,7 @@ def straightforward(model: torch.nn.Module, images: list[np.ndarray], labels: li
         h, w = img.shape[:2]
         high = strided = 0
         for s in scales:
-            im = Image.fromarray(img).resize((round(w * s), round(h * s)), Image.BILINEAR)
+            im = Image.fromarray(img).resize((round(w * s), round(h * s)), Image.BICUBIC)
             x = (np.asarray(im, np.float32) / 255.0 - mean) / std
             x = np.stack([x, x[:, ::-1]]).transpose(0, 3, 1, 2).copy()
             with torch.no_grad():
@@ -74,14 +74,15 @@ def straightforward(model: torch.nn.Module, images: list[np.ndarray], labels: li
 
 
 def ours(model: torch.nn.Module, images: list[np.ndarray], labels: list[torch.Tensor], scales: list[float],
-         out: Path, device: torch.device, batch: int, autocast, store, channels_last: bool) -> None:
+         out: Path, device: torch.device, batch: int, autocast, store, channels_last: bool,
+         resize: str = "bicubic") -> None:
     """vwe's inference path on the same images (equal sizes here, so batches are full)."""
     for start in range(0, len(images), batch):
         group = [Image.fromarray(im) for im in images[start:start + batch]]
         w, h = group[0].size
         per_scale = []
         for s in scales:  # what the inference loader does: uint8 resize, image + flip
-            pairs = [resize_pair(g, s, True) for g in group]
+            pairs = [resize_pair(g, s, True, resize) for g in group]
             per_scale.append(torch.cat([p[0:1] for p in pairs] + [p[1:2] for p in pairs]))
         high, strided = multiscale_cams(model, per_scale, (h, w), device, channels_last, autocast)
         for j in range(len(group)):
@@ -133,10 +134,10 @@ def run(cfg: Config, args) -> int:
         a.mkdir(), b.mkdir()
         straightforward(base, images[:1], labels[:1], scales, a, device)  # warm-up
         ours(fast, images[:1], labels[:1], scales, b, device, cfg.infer.batch_size, autocast, store,
-             mcfg.channels_last)
+             mcfg.channels_last, cfg.data.resize)
         t_base = _timed(device, straightforward, base, images, labels, scales, a, device)
         t_ours = _timed(device, ours, fast, images, labels, scales, b, device, cfg.infer.batch_size, autocast, store,
-                        mcfg.channels_last)
+                        mcfg.channels_last, cfg.data.resize)
         # the two paths must agree on what they compute (up to mixed precision and fp16 storage)
         ref = np.load(a / "0.npy", allow_pickle=True).item()["high_res"]
         with np.load(b / "0.npz") as z:

@@ -169,7 +169,8 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
     else:
         root = _local_root(root)
         if not root.is_dir():
-            raise DataError(f"data folder not found: {root} (set data.root, or run `vwe prepare --out {root}`)")
+            raise DataError(f"data folder not found: {root} (data.root; the shipped configs take it from "
+                            f"$VWE_SHARDS): set data.root or VWE_SHARDS, or run `vwe prepare --out {root}`")
         p = index_path(root, split)
         if not p.is_file():
             have = sorted(q.stem for q in root.glob("*.json"))
