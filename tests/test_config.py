@@ -34,7 +34,7 @@ def test_paper_recipe_values(repo):
 
 def test_defaults_without_file():
     cfg = load_config(None)
-    assert cfg.train.mixed_precision == "no" and cfg.data.on_corrupt == "error"
+    assert cfg.train.mixed_precision == "auto" and cfg.data.on_corrupt == "error"
 
 
 def test_overrides_parse_yaml_scalars(tmp_path):
@@ -103,7 +103,7 @@ def test_unknown_override_names_command_line(tmp_path):
     ("train:\n  epochs: 0\n", "'train.epochs' must be >= 1"),
     ("model:\n  memory_rho: 2\n", "'model.memory_rho' must be <= 1.0"),
     ("model:\n  backbone: resnet5\n", "'model.backbone' must be one of resnet18"),
-    ("train:\n  mixed_precision: fp8\n", "'train.mixed_precision' must be one of no, fp16, bf16"),
+    ("train:\n  mixed_precision: fp8\n", "'train.mixed_precision' must be one of auto, no, fp16, bf16"),
     ("data:\n  on_corrupt: ignore\n", "'data.on_corrupt' must be one of error, skip"),
     ("data:\n  long_side: [640, 320]\n", "'data.long_side' must be"),
     ("eval:\n  sweep: [0.5, 0.1, 0.01]\n", "'eval.sweep' must be"),
