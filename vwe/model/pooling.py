@@ -1,4 +1,4 @@
-"""Hybrid spatial pyramid pooling (HSPP, METHOD.md): global average mixed with pyramid max-pool averages."""
+"""Hybrid spatial pyramid pooling (HSPP, docs/method.md): global average mixed with pyramid max-pool averages."""
 from __future__ import annotations
 
 from collections.abc import Sequence
