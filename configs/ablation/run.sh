@@ -9,8 +9,8 @@ seeds=${SEEDS:-"0 1 2"}
 [ -f "$work/synthetic/DONE" ] || { vwe synth --out "$work/synthetic" --train 320 --val 160 --seed 0 --size 128 \
                                     && touch "$work/synthetic/DONE"; }
 vwe prepare --voc "$work/synthetic" --out "$work/shards" --shard-size 64
-for variant in cam hspp vwe hspp_vwe; do
-  for seed in $seeds; do
+for seed in $seeds; do
+  for variant in cam hspp vwe hspp_vwe; do
     run="$work/runs/${variant}_s${seed}"
     [ -f "$run/eval/report.json" ] && continue
     start=$(date +%s)
