@@ -15,12 +15,11 @@ pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_two_processes_bf16(synthetic_shards, tmp_path, stage):
-    # group norm: DeepSpeed casts weights to bf16 but not BatchNorm's running statistics, which PyTorch's
-    # CPU batch_norm refuses; frozen BatchNorm (the paper recipe) and group norm follow the input dtype
+    # the paper's frozen BatchNorm (statistics frozen, gamma/beta trained) under DeepSpeed's bf16 weights
     run = tmp_path / "run"
     cmd = launch_cmd(2, "train", "--config", str(REPO / "configs" / "demo.yaml"), *TINY,
                      f"data.root={synthetic_shards}", f"output.run_dir={run}", "train.max_steps=4",
-                     "train.checkpoint_every=2", "train.mixed_precision=bf16", "model.norm=group",
+                     "train.checkpoint_every=2", "train.mixed_precision=bf16", "model.norm=frozen",
                      "model.channels_last=true",
                      launch_config=f"launch/deepspeed_zero{stage}.yaml")
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}

@@ -36,10 +36,13 @@ def test_output_stride_16(name, channels):
     assert all(m.dilation == (1, 1) for m in bb.modules() if isinstance(m, nn.Conv2d))
 
 
-def test_frozen_bn_uses_running_stats_in_training():
+def test_frozen_bn_statistics_fixed_affine_trained():
+    """norm=frozen (the published code's "fixed" BatchNorm): eval-mode normalisation in training too,
+    running statistics never change, gamma/beta are parameters that learn (except the stem's)."""
+    torch.manual_seed(0)
     bb = Backbone("resnet18", norm="frozen")
     _randomise_bn(bb)
-    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    stats = {k: v.clone() for k, v in bb.state_dict().items() if "running" in k}
     x = torch.randn(2, 3, 64, 64)
     bb.train()
     y_train = bb(x)
@@ -48,11 +51,71 @@ def test_frozen_bn_uses_running_stats_in_training():
         y_eval = bb(x)
     torch.testing.assert_close(y_train.detach(), y_eval)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
+    params = {n: p for n, p in bb.named_parameters()}
+    assert params["layer1.0.bn1.weight"].requires_grad and params["layer4.0.downsample.1.bias"].requires_grad
+    assert not params["bn1.weight"].requires_grad and not params["bn1.bias"].requires_grad
+    before = {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.SGD(bb.parameters(), lr=0.1, weight_decay=1e-2)
+    bb.train()
+    for _ in range(2):
+        opt.zero_grad()
+        bb(x).square().mean().backward()
+        opt.step()
     for k, v in bb.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    # BN statistics and affine are buffers: not in parameters()
-    names = [n for n, _ in bb.named_parameters()]
-    assert not any("bn" in n or "downsample.1" in n for n in names)
+        if "running" in k:
+            assert torch.equal(v, stats[k]), k
+    assert not torch.equal(bb.layer3[0].bn2.weight, before["layer3.0.bn2.weight"])
+    assert not torch.equal(bb.layer1[0].bn1.bias, before["layer1.0.bn1.bias"])
+    assert torch.equal(bb.bn1.weight, before["bn1.weight"]) and torch.equal(bb.bn1.bias, before["bn1.bias"])
+
+
+def test_frozen_bn_matches_torch_eval_batchnorm():
+    """Output and gamma/beta gradients equal nn.BatchNorm2d in eval mode (torch's own kernel)."""
+    torch.manual_seed(0)
+    ours, ref = FrozenBatchNorm2d(6), nn.BatchNorm2d(6).eval()
+    _randomise_bn(ours, seed=1)
+    _randomise_bn(ref, seed=1)
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+    ours, ref = ours.double(), ref.double()
+    w = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+    (ours(x) * w).sum().backward()
+    (ref(x) * w).sum().backward()
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+
+
+def test_frozen_all_freezes_the_affine_too():
+    bb = Backbone("resnet18", norm="frozen_all")
+    assert not any("bn" in n or "downsample.1" in n for n, _ in bb.named_parameters())
+    # same state-dict keys as norm=frozen: weights move between the two
+    assert set(bb.state_dict()) == set(Backbone("resnet18", norm="frozen").state_dict())
+    _randomise_bn(bb)
+    before = {k: v.clone() for k, v in bb.state_dict().items() if "bn" in k or "downsample.1" in k}
+    bb.train()
+    opt = torch.optim.SGD([p for p in bb.parameters() if p.requires_grad], lr=0.1)
+    bb(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    opt.step()
+    for k, v in before.items():
+        assert torch.equal(bb.state_dict()[k], v), k
+
+
+def _trainable_bn_tensors(bb: nn.Module) -> int:
+    return sum(int(p.requires_grad) for m in bb.modules() if isinstance(m, FrozenBatchNorm2d)
+               for p in m.parameters())
+
+
+# The published networks (VWE: ResNet-50, stage 2 detached; VWL-L: ResNet-101, detached; VWL-M:
+# ResNet-101, not detached) list 53 / 104 / 104 BatchNorm layers in their state dicts (stem bn1
+# included), 29 / 80 / 80 of them in layer3-4. Trained gamma/beta there: 2 tensors per BatchNorm outside
+# the frozen stem, and outside stages 1-2 when detached: 2 * 29 = 58, 2 * 80 = 160, 2 * 103 = 206.
+@pytest.mark.parametrize("name,detach,bn_layers,trained", [
+    ("resnet50", True, 53, 58), ("resnet101", True, 104, 160), ("resnet101", False, 104, 206)])
+def test_trainable_bn_affine_count_matches_published_networks(name, detach, bn_layers, trained):
+    bb = Backbone(name, norm="frozen", detach_stage2=detach)
+    assert sum(isinstance(m, FrozenBatchNorm2d) for m in bb.modules()) == bn_layers
+    assert _trainable_bn_tensors(bb) == trained
+    assert _trainable_bn_tensors(Backbone(name, norm="frozen_all", detach_stage2=detach)) == 0
 
 
 def test_trainable_norms_learn_and_stem_is_frozen():
@@ -72,7 +135,7 @@ def test_detach_stage2_freezes_stages_1_2():
     bb = Backbone("resnet18", norm="frozen", detach_stage2=True).train()
     frozen = {n.split(".")[0] for n, p in bb.named_parameters() if not p.requires_grad}
     trainable = {n.split(".")[0] for n, p in bb.named_parameters() if p.requires_grad}
-    assert frozen == {"conv1", "layer1", "layer2"} and trainable == {"layer3", "layer4"}
+    assert frozen == {"conv1", "bn1", "layer1", "layer2"} and trainable == {"layer3", "layer4"}
     bb(torch.randn(1, 3, 64, 64)).sum().backward()
     assert all(p.grad is None for p in bb.layer2.parameters())
     assert all(p.grad is not None for p in bb.layer3.parameters())
@@ -121,9 +184,10 @@ def test_channels_last_same_output():
         torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
 
 
-def test_fold_frozen_bn_same_output():
+@pytest.mark.parametrize("norm", ["frozen", "frozen_all"])
+def test_fold_frozen_bn_same_output(norm):
     torch.manual_seed(0)
-    bb = Backbone("resnet18", norm="frozen").eval()
+    bb = Backbone("resnet18", norm=norm).eval()
     _randomise_bn(bb)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -133,6 +197,25 @@ def test_fold_frozen_bn_same_output():
     assert n == 1 + 8 * 2 + 3  # stem, 8 blocks x 2, 3 downsample
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in bb.modules())
     # float32 rounding differs after ~20 folded layers: compare relative to the output's scale
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fold_after_training_the_affine():
+    """Folding uses the trained gamma/beta: a model trained a step under norm=frozen folds to the same
+    numbers, and the folded convolutions are plain inference weights."""
+    torch.manual_seed(0)
+    bb = Backbone("resnet18", norm="frozen")
+    _randomise_bn(bb)
+    opt = torch.optim.SGD([p for p in bb.parameters() if p.requires_grad], lr=0.5)
+    bb.train()
+    bb(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    opt.step()
+    x = torch.randn(1, 3, 64, 80)
+    bb.eval()
+    with torch.no_grad():
+        ref = bb(x)
+        fold_frozen_bn(bb)
+        got = bb(x)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 

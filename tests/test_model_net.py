@@ -72,26 +72,57 @@ def test_learned_forward_and_each_loss_by_hand():
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
-def test_memory_bank_mode_two_terms_and_codebook_updates():
+def _naive_ema(book, feats, rho):
+    """Assign each pixel by argmax cosine, average the un-normalised vectors per word (0 where none), EMA."""
+    k, d = book.shape
+    vn = book.double() / book.double().norm(dim=1, keepdim=True)
+    vectors = feats.double().permute(0, 2, 3, 1).reshape(-1, d)
+    winners = (torch.nn.functional.normalize(vectors, dim=1) @ vn.T).argmax(1)
+    means = torch.zeros(k, d, dtype=torch.float64)
+    for kk in range(k):
+        if (winners == kk).any():
+            means[kk] = vectors[winners == kk].mean(0)
+    return rho * means + (1 - rho) * book.double()
+
+
+def test_memory_bank_step1_random_labels_then_features_then_ema():
+    """The published order: step 1 labels words against the Kaiming-random codebook, then the codebook
+    becomes K feature vectors of that batch drawn with replacement (no EMA at step 1); EMA from step 2."""
     torch.manual_seed(0)
     model = build_model(_cfg("model.codebook=memory", "model.memory_rho=0.5")).train()
     assert not model.hist_head.weight.requires_grad
     assert list(model.codebook.parameters()) == []
     assert not bool(model.codebook.initialised)
-    x = torch.randn(2, 3, 64, 64)
-    out = model(x)
-    assert out["hist_logits"] is None
-    assert bool(model.codebook.initialised)
-    after_first = model.codebook.weight.clone()
+    random_book = model.codebook.weight.clone()
+    assert random_book.std().item() == pytest.approx(math.sqrt(2 / 6) / math.sqrt(512), rel=0.1)
+    x1, x2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # train-mode features (batch statistics), as the training forward sees them
+        f1 = model.backbone(x1)
+    rng = torch.get_rng_state()
+    out = model(x1)
+    assert out["hist_logits"] is None and bool(model.codebook.initialised)
+    # step 1's word labels come from the random codebook
+    assert torch.equal(out["word_labels"], encode_words(f1, random_book)[2])
+    # ... and the codebook is now the published draw from the batch's vectors, not an EMA
+    torch.set_rng_state(rng)
+    vectors = f1.permute(0, 2, 3, 1).reshape(-1, f1.shape[1])
+    drawn = vectors[torch.randint(vectors.shape[0], (16,))]
+    torch.testing.assert_close(model.codebook.weight, drawn)
     losses = model.losses(out, _labels())
     assert set(losses) == {"cls", "word", "loss"}
     assert losses["loss"].item() == pytest.approx((losses["cls"] + losses["word"]).item(), rel=1e-6)
-    model(torch.randn(2, 3, 64, 64))
-    assert not torch.equal(model.codebook.weight, after_first)
+    # step 2: labels against the drawn codebook, then the EMA toward the assigned means
+    after_first = model.codebook.weight.clone()
+    with torch.no_grad():
+        f2 = model.backbone(x2)
+    out2 = model(x2)
+    assert torch.equal(out2["word_labels"], encode_words(f2, after_first)[2])
+    torch.testing.assert_close(model.codebook.weight.double(), _naive_ema(after_first, f2, 0.5),
+                               rtol=1e-5, atol=1e-6)
     model.eval()
     frozen = model.codebook.weight.clone()
     with torch.no_grad():
-        model(x)
+        model(x1)
     assert torch.equal(model.codebook.weight, frozen)  # no update outside training
     # the codebook is training state: it travels in the state dict
     clone = build_model(_cfg("model.codebook=memory", "model.memory_rho=0.5"))
@@ -144,6 +175,56 @@ def test_frozen_parts_get_no_gradient_and_do_not_change(overrides):
         assert torch.equal(params[n], before), n
     changed = [n for n, before in trainable.items() if not torch.equal(params[n], before)]
     assert len(changed) == len(trainable)
+
+
+@pytest.mark.parametrize("pooling,hist,word", [("gap", 0, 0), ("hspp", 0, 0), ("gap", 1, 1), ("hspp", 1, 1),
+                                               ("hspp", 0, 1), ("hspp", 1, 0)])
+def test_ablation_pooling_and_heads_off(pooling, hist, word):
+    torch.manual_seed(0)
+    model = build_model(_cfg(f"model.pooling={pooling}", f"model.hist_weight={hist}",
+                             f"model.word_weight={word}")).train()
+    x = torch.randn(2, 3, 64, 80)
+    out = model(x)
+    feats = model.backbone(x).detach()
+    pooled = feats.mean((2, 3)) if pooling == "gap" else hybrid_pyramid_pool(feats).flatten(1)
+    torch.testing.assert_close(out["logits"].detach(), pooled @ model.classifier.weight.detach()[:, :, 0, 0].T,
+                               rtol=1e-4, atol=1e-5)
+    assert (out["hist_logits"] is None) == (hist == 0)
+    assert (out["word_logits"] is None) == (word == 0) and (out["word_labels"] is None) == (word == 0)
+    losses = model.losses(out, _labels())
+    expected_terms = {"cls", "loss"} | ({"hist"} if hist else set()) | ({"word"} if word else set())
+    assert set(losses) == expected_terms
+    assert model.hist_head.weight.requires_grad == bool(hist)
+    assert model.word_head.weight.requires_grad == bool(word)
+    assert model.codebook.weight.requires_grad == bool(hist)
+    losses["loss"].backward()
+    # every trainable parameter has a gradient: DDP needs no find_unused_parameters
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_pooling_setting_refuses_unknown_value():
+    from vwe.config import ConfigError
+    with pytest.raises(ConfigError, match="'model.pooling' must be one of hspp, gap"):
+        load_config(None, ["model.pooling=max"])
+
+
+@pytest.mark.filterwarnings("ignore:model.pretrained=none with model.norm=frozen")
+def test_param_groups_put_bn_affine_in_backbone_group_with_weight_decay():
+    """The published code: gamma/beta train at the backbone lr with weight decay on every parameter;
+    the stem's bn1 and (when detached) stages 1-2 are not trained."""
+    model = build_model(_cfg("model.norm=frozen", "model.detach_stage2=true"))
+    groups = {g["name"]: g for g in param_groups(model, lr=0.01, head_lr_mult=10.0, weight_decay=1e-4)}
+    backbone = {id(p) for p in groups["backbone"]["params"]}
+    bb = model.backbone
+    assert id(bb.layer3[0].bn1.weight) in backbone and id(bb.layer4[1].bn2.bias) in backbone
+    assert id(bb.layer4[0].downsample[1].weight) in backbone
+    assert id(bb.bn1.weight) not in backbone and id(bb.layer2[0].bn1.weight) not in backbone
+    assert groups["backbone"]["weight_decay"] == 1e-4 and groups["backbone"]["lr"] == 0.01
+    # resnet18, layer3-4: 2 x (2 blocks x 2 BN + 1 downsample) x 2 stages = 20 BN tensors, 10 convs
+    assert len(groups["backbone"]["params"]) == 20 + 10
+    assert len(param_groups(build_model(_cfg("model.norm=frozen_all", "model.detach_stage2=true")),
+                            0.01, 10.0, 1e-4)[0]["params"]) == 10
 
 
 def test_param_groups_lr_and_membership():

@@ -1,4 +1,4 @@
-"""HSPP against a direct loop implementation of docs/method.md's formula."""
+"""HSPP against a direct loop implementation of the formula of docs/method.md."""
 import pytest
 import torch
 

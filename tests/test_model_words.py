@@ -116,15 +116,16 @@ def naive_memory_update(book, feats, rho):
 def test_memory_bank_init_and_update_match_naive():
     torch.manual_seed(1)
     bank = MemoryBankCodebook(5, 6, rho=0.3)
-    assert not bool(bank.initialised) and bank.weight.abs().sum() == 0
+    # Kaiming-normal random at first (the published code labels step 1 against it)
+    assert not bool(bank.initialised) and bank.weight.abs().sum() > 0
     first = torch.randn(2, 6, 3, 3)
+    rng = torch.get_rng_state()
     bank.initialise_from(first)
     assert bool(bank.initialised)
     vectors = first.permute(0, 2, 3, 1).reshape(-1, 6)
-    # every word is one of the batch's feature vectors, all distinct
-    for word in bank.weight:
-        assert (vectors == word).all(1).any()
-    assert len({tuple(w.tolist()) for w in bank.weight}) == 5
+    # the published draw: K indices, uniform with replacement, from torch's default CPU generator
+    torch.set_rng_state(rng)
+    assert torch.equal(bank.weight, vectors[torch.randint(vectors.shape[0], (5,))])
     for step in range(3):
         feats = torch.randn(2, 6, 3, 4) + step
         expected, counts = naive_memory_update(bank.weight.clone(), feats, 0.3)
@@ -132,6 +133,26 @@ def test_memory_bank_init_and_update_match_naive():
         bank.update(feats, a.argmax(1))
         torch.testing.assert_close(bank.weight.double(), expected, rtol=1e-5, atol=1e-6)
         assert sum(counts) == 24
+
+
+def test_memory_bank_draw_is_with_replacement():
+    """More words than feature vectors: every word is still one of them (repeats allowed)."""
+    torch.manual_seed(0)
+    bank = MemoryBankCodebook(32, 3)
+    feats = torch.randn(1, 3, 2, 2)
+    bank.initialise_from(feats)
+    vectors = feats.permute(0, 2, 3, 1).reshape(-1, 3)
+    for word in bank.weight:
+        assert (vectors == word).all(1).any()
+    assert len({tuple(w.tolist()) for w in bank.weight}) <= 4
+
+
+def test_memory_bank_random_start_is_kaiming_normal_sqrt5():
+    torch.manual_seed(0)
+    bank = MemoryBankCodebook(256, 512)
+    assert bank.weight.std().item() == pytest.approx(math.sqrt(2 / 6) / math.sqrt(512), rel=0.02)
+    bank.sync_initial()  # one process: nothing to fetch, the random codebook stays
+    assert bank.weight.std().item() == pytest.approx(math.sqrt(2 / 6) / math.sqrt(512), rel=0.02)
 
 
 def test_unassigned_words_decay_toward_zero():
@@ -155,12 +176,3 @@ def test_memory_bank_state_dict_roundtrip():
     fresh.load_state_dict(state)
     assert bool(fresh.initialised) and torch.equal(fresh.weight, bank.weight)
     assert list(fresh.parameters()) == []
-
-
-def test_memory_bank_init_with_fewer_vectors_than_words():
-    bank = MemoryBankCodebook(8, 3)
-    feats = torch.randn(1, 3, 1, 2)
-    bank.initialise_from(feats)
-    vectors = feats.permute(0, 2, 3, 1).reshape(-1, 3)
-    for word in bank.weight:
-        assert (vectors == word).all(1).any()

@@ -53,18 +53,22 @@ class DataConfig:
 class ModelConfig:
     backbone: str = _opt("resnet50", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
     pretrained: str = _opt("imagenet", doc="none | imagenet | path to a .pth/.safetensors state dict")
-    norm: str = _opt("frozen", choices=("frozen", "batch", "syncbatch", "group"),
-                     doc="frozen BN for pretrained weights; a trainable norm when training from scratch")
+    norm: str = _opt("frozen", choices=("frozen", "frozen_all", "batch", "syncbatch", "group"),
+                     doc="frozen: ImageNet BN statistics, trained gamma/beta (the paper); frozen_all: "
+                         "affine frozen too; batch/syncbatch/group: trainable norm, from scratch")
     num_classes: int = _opt(20, min=1)
     detach_stage2: bool = _opt(True, doc="stop gradients after stage 2 (conference version)")
     codebook: str = _opt("learned", choices=("learned", "memory"), doc="VWE/VWL-L or VWL-M")
     num_words: int = _opt(256, min=2)
+    pooling: str = _opt("hspp", choices=("hspp", "gap"),
+                        doc="classifier pooling: hybrid spatial pyramid (the paper) or global average (ablation)")
     pool_levels: list[int] = _opt([1, 2, 4], doc="HSPP pyramid levels")
     pool_gamma: float = _opt(2.0, min=0.0, doc="HSPP weight of the global average")
     memory_rho: float = _opt(1e-3, min=0.0, max=1.0, doc="memory-bank EMA rate")
-    cls_weight: float = _opt(1.0, min=0.0)
-    hist_weight: float = _opt(1.0, min=0.0, doc="ignored in memory-bank mode")
-    word_weight: float = _opt(1.0, min=0.0)
+    cls_weight: float = _opt(1.0, min=0.0, doc="classification loss weight")
+    hist_weight: float = _opt(1.0, min=0.0,
+                              doc="histogram head W_a loss weight; 0: head off and frozen; ignored with memory")
+    word_weight: float = _opt(1.0, min=0.0, doc="word head W_b loss weight; 0: head off and frozen")
     decorrelation_weight: float = _opt(0.0, min=0.0, doc="VWL-L codebook decorrelation loss weight")
     grad_checkpointing: bool = _opt(False)
     channels_last: bool = _opt(True)

@@ -26,7 +26,7 @@ from vwe.config import Config
 from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_pair
 from vwe.device import autocast as device_autocast, synchronize
 from vwe.infer import keep_positive, multiscale_cams
-from vwe.model.backbone import fold_frozen_bn
+from vwe.model.backbone import FROZEN_NORMS, fold_frozen_bn
 from vwe.bench.train import peak_tflops
 from vwe.model.net import build_model
 
@@ -123,7 +123,7 @@ def run(cfg: Config, args) -> int:
     torch.manual_seed(0)
     base = build_model(mcfg).eval().to(device).to(memory_format=torch.contiguous_format)
     fast = copy.deepcopy(base)
-    folded = fold_frozen_bn(fast) if mcfg.norm == "frozen" else 0
+    folded = fold_frozen_bn(fast) if mcfg.norm in FROZEN_NORMS else 0
     if mcfg.channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     autocast = functools.partial(device_autocast, cfg.infer.mixed_precision, device)

@@ -20,22 +20,30 @@ from vwe.errors import CheckpointError, VweError
 log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-NORMS = ("frozen", "batch", "syncbatch", "group")
+NORMS = ("frozen", "frozen_all", "batch", "syncbatch", "group")
+FROZEN_NORMS = ("frozen", "frozen_all")  # running statistics never updated; BN foldable at inference
 GROUPS = 32  # GroupNorm groups; divides every ResNet width (64 ... 2048)
 # Keys of a torchvision state dict that a backbone never loads or never needs.
 _IGNORED_PREFIXES = ("fc.",)
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm that always uses its running statistics and never trains its affine part: a fixed
-    per-channel affine map. Statistics and affine live in buffers, under BatchNorm's key names."""
+    """BatchNorm that always normalises with its running statistics (eval mode, also while training) and
+    never updates them. With `train_affine` (model.norm=frozen, the published code's "fixed" BatchNorm)
+    gamma/beta are trainable parameters; without it (model.norm=frozen_all) they are buffers and the
+    layer is a fixed per-channel affine map. State-dict keys are BatchNorm's either way."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, train_affine: bool = True) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
+        self.train_affine = train_affine
+        if train_affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_buffer("weight", torch.ones(num_features))
+            self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
@@ -56,13 +64,15 @@ class FrozenBatchNorm2d(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}, train_affine={self.train_affine}"
 
 
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:
     """The per-channel normalisation constructor for `model.norm`."""
     if norm == "frozen":
         return FrozenBatchNorm2d
+    if norm == "frozen_all":
+        return lambda c: FrozenBatchNorm2d(c, train_affine=False)
     if norm == "batch":
         return nn.BatchNorm2d
     if norm == "syncbatch":
@@ -130,7 +140,7 @@ class Backbone(nn.Module):
 
     def freeze(self) -> None:
         """requires_grad=False on everything that gets no gradient (DDP then needs no unused-parameter
-        search). Frozen BatchNorm holds no parameters at all."""
+        search), BatchNorm gamma/beta of those parts included."""
         for part in self.frozen_modules():
             for p in part.parameters():
                 p.requires_grad_(False)
@@ -263,8 +273,8 @@ def build_backbone(name: str, pretrained: str = "none", norm: str = "frozen", de
     """A Backbone with weights per `model.pretrained`: none | imagenet | path to a state dict."""
     backbone = Backbone(name, norm, detach_stage2, grad_checkpointing, channels_last)
     if pretrained == "none":
-        if norm == "frozen":
-            warnings.warn("model.pretrained=none with model.norm=frozen: random weights under fixed "
+        if norm in FROZEN_NORMS:
+            warnings.warn(f"model.pretrained=none with model.norm={norm}: random weights under fixed "
                           "BatchNorm statistics diverge in training; use norm batch, syncbatch or group",
                           stacklevel=2)
         return backbone, None

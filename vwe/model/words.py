@@ -90,31 +90,57 @@ def assigned_means(features: torch.Tensor, winners: torch.Tensor, num_words: int
 
 
 class MemoryBankCodebook(nn.Module):
-    """VWL-M: V is a buffer, set from K random feature vectors of the first training batch (chosen on
-    rank 0 and broadcast), then moved after every training forward toward the mean of the features
-    assigned to each word: V <- rho * M + (1 - rho) * V. Saved in the state dict with its `initialised`
-    flag, so a resumed run continues with the same codebook."""
+    """VWL-M: V is a buffer, Kaiming-normal (a = sqrt(5)) random at first, as the published code. The
+    first training step labels words against that random V (the same on every rank: rank 0's, sent by
+    `sync_initial`); after that step V is replaced by K feature vectors of the step's global batch drawn
+    at random with replacement (`initialise_from`; no EMA at step 1). From step 2 on, after every training
+    forward V moves toward the mean of the features assigned to each word: V <- rho * M + (1 - rho) * V.
+    Saved in the state dict with its `initialised` flag, so a resumed run continues with the same V."""
 
     kind = "memory"
 
     def __init__(self, num_words: int, dim: int, rho: float = 1e-3) -> None:
         super().__init__()
         self.rho = float(rho)
-        self.register_buffer("weight", torch.zeros(num_words, dim))
+        weight = torch.empty(num_words, dim)
+        nn.init.kaiming_normal_(weight, a=math.sqrt(5))
+        self.register_buffer("weight", weight)
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self._synced = False  # the random V has been made equal on all ranks (not state: per process)
+
+    @torch.no_grad()
+    def sync_initial(self) -> None:
+        """Before the first training step: every rank takes rank 0's random codebook (once)."""
+        if self._synced or bool(self.initialised):
+            return
+        if _world() > 1:
+            dist.broadcast(self.weight, src=0)
+        self._synced = True
 
     @torch.no_grad()
     def initialise_from(self, features: torch.Tensor) -> None:
-        """Pick K random feature vectors of this (B, D, h, w) batch on rank 0; every rank gets rank 0's."""
+        """V <- K feature vectors drawn uniformly with replacement from this step's (B, D, h, w) batch
+        over all ranks: rank 0 draws the indices (torch's default CPU generator, as the published code)
+        and broadcasts them; each rank fills in the vectors it holds, and a sum over ranks assembles V."""
         k, d = self.weight.shape
         vectors = features.detach().float().permute(0, 2, 3, 1).reshape(-1, d)
         n = vectors.shape[0]
-        # fewer vectors than words (tiny maps): sample with replacement rather than fail
-        idx = torch.randperm(n, device=vectors.device)[:k] if n >= k else \
-            torch.randint(n, (k,), device=vectors.device)
-        self.weight.copy_(vectors[idx])
-        if _world() > 1:
-            dist.broadcast(self.weight, src=0)
+        world = _world()
+        if world == 1:
+            picked = vectors[torch.randint(n, (k,)).to(vectors.device)]
+        else:
+            sizes = [torch.zeros((), dtype=torch.long, device=vectors.device) for _ in range(world)]
+            dist.all_gather(sizes, torch.tensor(n, dtype=torch.long, device=vectors.device))
+            sizes_list = [int(s) for s in sizes]
+            rank = dist.get_rank()
+            idx = torch.randint(sum(sizes_list), (k,)).to(vectors.device)
+            dist.broadcast(idx, src=0)
+            local = idx - sum(sizes_list[:rank])
+            mine = (local >= 0) & (local < n)
+            picked = torch.zeros(k, d, device=vectors.device, dtype=torch.float32)
+            picked[mine] = vectors[local[mine]]
+            dist.all_reduce(picked)  # every index is held by exactly one rank: an exact sum
+        self.weight.copy_(picked.to(self.weight.dtype))
         self.initialised.fill_(True)
 
     @torch.no_grad()
