@@ -29,14 +29,24 @@ def ground_truth(shards: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def write_cams(run: Path, gt: dict, score, checkpoint: str = "abc") -> None:
-    """score(mask, class_index) -> high_res map for that class."""
+def final_weights(run: Path, value: float = 0.0) -> str:
+    """A (tiny) weights file where `vwe infer` looks for the run's final weights; returns its SHA-256."""
+    import torch
+    from vwe.checkpoint import FINAL_WEIGHTS_NAME, export_weights
+    return export_weights({"w": torch.full((2,), value)}, {}, run / FINAL_WEIGHTS_NAME)
+
+
+def write_cams(run: Path, gt: dict, score, checkpoint: str | None = None) -> str:
+    """score(mask, class_index) -> high_res map for that class. CAMs of the run's final weights (written
+    here) unless `checkpoint` names another hash; returns the hash stored."""
+    checkpoint = checkpoint or final_weights(run)
     for key, (mask, keys) in gt.items():
         high = np.stack([score(mask, k) for k in keys]).astype(np.float32) if len(keys) else \
             np.zeros((0, *mask.shape), np.float32)
         h, w = mask.shape
         strided = high[:, ::4, ::4][:, : -(-h // 4), : -(-w // 4)]
         write_cam(run / "cams" / f"{key}.npz", CamRecord(keys, strided, high, checkpoint))
+    return checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,8 @@ def test_perfect_cams_score_one(synthetic_shards, gt, tmp_path):
     write_cams(tmp_path, gt, lambda m, k: np.where(m == k + 1, 0.9, 0.1))
     proc = run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path, "eval.bkg=0.5"))
     r = report(tmp_path)
-    assert r["miou"] == pytest.approx(1.0) and r["num_images"] == len(gt) and r["checkpoint"] == "abc"
+    assert r["miou"] == pytest.approx(1.0) and r["num_images"] == len(gt) and r["weights_matched"]
+    assert r["weights_sha256"] == final_weights(tmp_path) and r["skipped"]["count"] == 0
     assert "| bkg | aero |" in proc.stdout and (tmp_path / "eval" / "table.md").is_file()
 
 
@@ -96,7 +107,7 @@ def test_corrupt_and_wrong_shape_cams_are_named(synthetic_shards, gt, tmp_path):
     rec = read_cam(tmp_path / "cams" / f"{second}.npz")
     small = rec.high_res[:, :-2, :]
     write_cam(tmp_path / "cams" / f"{second}.npz",
-              CamRecord(rec.keys, small[:, ::4, ::4][:, : -(-small.shape[1] // 4)], small, rec.checkpoint))
+              CamRecord(rec.keys, small[:, ::4, ::4][:, : -(-small.shape[1] // 4)], small, rec.weights_sha256))
     proc = run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path), check=False)
     assert proc.returncode == 2
     assert f"{first}.npz: unreadable" in proc.stderr
@@ -109,7 +120,8 @@ def test_cams_from_two_checkpoints_are_refused(synthetic_shards, gt, tmp_path):
     rec = read_cam(tmp_path / "cams" / f"{stale}.npz")
     write_cam(tmp_path / "cams" / f"{stale}.npz", CamRecord(rec.keys, rec.cam, rec.high_res, "other"))
     proc = run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path), check=False)
-    assert proc.returncode == 2 and "2 different checkpoints" in proc.stderr and stale in proc.stderr
+    assert proc.returncode == 2 and "2 different weights files" in proc.stderr and stale in proc.stderr
+    assert "rerun `vwe infer`" in proc.stderr
 
 
 @pytest.mark.multiprocess
