@@ -109,6 +109,17 @@ def test_weights_from_a_checkpoint_folder(synthetic_shards, trained, tmp_path):
     assert manifest["weights"] == str(step / "model.safetensors")
     assert b.weights_sha256 == manifest["weights_sha256"]
 
+    # evaluation matches CAMs to the weights infer would use: these, with the same infer.weights...
+    run_vwe("evaluate", *_infer_args(synthetic_shards, trained, f"infer.out_dir={tmp_path / 'ckpt'}",
+                                     f"infer.weights={step}"))
+    report = json.loads((trained / "eval" / "report.json").read_text())
+    assert report["weights_matched"] and report["weights_sha256"] == manifest["weights_sha256"]
+    # ...but not the run's final weights (another file, another hash)
+    proc = run_vwe("evaluate", *_infer_args(synthetic_shards, trained, f"infer.out_dir={tmp_path / 'ckpt'}"),
+                   check=False)
+    assert proc.returncode == 2 and manifest["weights_sha256"] in proc.stderr
+    assert str(trained / FINAL_WEIGHTS_NAME) in proc.stderr and "Rerun `vwe infer`" in proc.stderr
+
     empty = tmp_path / "not-a-checkpoint"
     empty.mkdir()
     proc = run_vwe("infer", *_infer_args(synthetic_shards, trained, f"infer.weights={empty}"), check=False)
