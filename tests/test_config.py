@@ -157,3 +157,70 @@ def test_cli_overrides_before_and_after_options(tmp_path):
     assert proc.returncode == 2 and "data folder not found: /second" in proc.stderr
     proc = run_vwe("synth", "--out", str(tmp_path / "x"), "--bogus", check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+@pytest.mark.parametrize("text,key", [
+    ("train:\n  momentum: .nan\n", "train.momentum"),
+    ("train:\n  lr: .inf\n", "train.lr"),
+    ("eval:\n  bkg: .NaN\n", "eval.bkg"),
+    ("model:\n  pool_gamma: -.inf\n", "model.pool_gamma"),
+    ("train:\n  weight_decay: 1e999\n", "train.weight_decay"),
+    ("infer:\n  scales: [1.0, .nan]\n", r"infer.scales\[1\]"),
+    ("eval:\n  sweep: [0.05, .inf, 0.01]\n", r"eval.sweep\[1\]"),
+])
+def test_non_finite_floats_refused(tmp_path, text, key):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=f"'{key}' must be a finite number") as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["train.momentum=.nan", "eval.bkg=.inf", "train.lr=-.inf",
+                                      "infer.scales=[.nan]", "model.memory_rho=nan"])
+def test_non_finite_overrides_refused_by_the_cli(tmp_path, override):
+    p = write(tmp_path, "")
+    proc = run_vwe("train", "--config", str(p), override, check=False)
+    key = override.split("=")[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"command line: '{key}" in proc.stderr
+    assert "must be a finite number" in proc.stderr or "must be a number" in proc.stderr  # bare nan: a string
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a UTF-8 text file"),
+    ("train:\n  lr: 0.1  # caf\u00e9\n".encode("latin-1"), "not a UTF-8 text file"),
+    (b"train: [\n", "not valid YAML"),
+    (b"train:\n\tlr: 0.1\n", "not valid YAML"),
+    (b"- a\n- b\n", "top level must be a mapping of sections, got list"),
+    (b"just a string\n", "top level must be a mapping of sections, got str"),
+    (b"!!python/object:os.system {}\n", "not valid YAML"),
+])
+def test_files_that_are_not_yaml_mappings_named_by_the_cli(tmp_path, content, match):
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(content)
+    proc = run_vwe("infer", "--config", str(p), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"vwe infer: error: {p}: " in proc.stderr and match in proc.stderr
+
+
+def test_renamed_infer_checkpoint_names_the_new_key(tmp_path):
+    p = write(tmp_path, "infer:\n  checkpoint: /some/weights.safetensors\n")
+    with pytest.raises(ConfigError, match=r"'infer.checkpoint' was renamed: use infer.weights") as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+    with pytest.raises(ConfigError, match=r"command line: 'infer.checkpoint' was renamed: use infer.weights"):
+        load_config(None, ["infer.checkpoint=x"])
+    assert load_config(None, ["infer.weights=x"]).infer.weights == "x"
+
+
+def test_every_float_field_is_checked_for_finiteness():
+    """A new float field gets the check without opting in: only `nonfinite=True` lets NaN through."""
+    import typing
+    checked = 0
+    for section, section_tp in typing.get_type_hints(Config).items():
+        for name, tp in typing.get_type_hints(section_tp).items():
+            if tp is float or tp == list[float]:
+                with pytest.raises(ConfigError, match=f"'{section}.{name}(\\[0\\])?' must be a finite number"):
+                    load_config(None, [f"{section}.{name}={'.nan' if tp is float else '[.nan]'}"])
+                checked += 1
+    assert checked >= 10

@@ -29,14 +29,24 @@ def ground_truth(shards: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def write_cams(run: Path, gt: dict, score, checkpoint: str = "abc") -> None:
-    """score(mask, class_index) -> high_res map for that class."""
+def final_weights(run: Path, value: float = 0.0) -> str:
+    """A (tiny) weights file where `vwe infer` looks for the run's final weights; returns its SHA-256."""
+    import torch
+    from vwe.checkpoint import FINAL_WEIGHTS_NAME, export_weights
+    return export_weights({"w": torch.full((2,), value)}, {}, run / FINAL_WEIGHTS_NAME)
+
+
+def write_cams(run: Path, gt: dict, score, checkpoint: str | None = None) -> str:
+    """score(mask, class_index) -> high_res map for that class. CAMs of the run's final weights (written
+    here) unless `checkpoint` names another hash; returns the hash stored."""
+    checkpoint = checkpoint or final_weights(run)
     for key, (mask, keys) in gt.items():
         high = np.stack([score(mask, k) for k in keys]).astype(np.float32) if len(keys) else \
             np.zeros((0, *mask.shape), np.float32)
         h, w = mask.shape
         strided = high[:, ::4, ::4][:, : -(-h // 4), : -(-w // 4)]
         write_cam(run / "cams" / f"{key}.npz", CamRecord(keys, strided, high, checkpoint))
+    return checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,8 @@ def test_perfect_cams_score_one(synthetic_shards, gt, tmp_path):
     write_cams(tmp_path, gt, lambda m, k: np.where(m == k + 1, 0.9, 0.1))
     proc = run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path, "eval.bkg=0.5"))
     r = report(tmp_path)
-    assert r["miou"] == pytest.approx(1.0) and r["num_images"] == len(gt) and r["checkpoint"] == "abc"
+    assert r["miou"] == pytest.approx(1.0) and r["num_images"] == len(gt) and r["weights_matched"]
+    assert r["weights_sha256"] == final_weights(tmp_path) and r["skipped"]["count"] == 0
     assert "| bkg | aero |" in proc.stdout and (tmp_path / "eval" / "table.md").is_file()
 
 
@@ -96,7 +107,7 @@ def test_corrupt_and_wrong_shape_cams_are_named(synthetic_shards, gt, tmp_path):
     rec = read_cam(tmp_path / "cams" / f"{second}.npz")
     small = rec.high_res[:, :-2, :]
     write_cam(tmp_path / "cams" / f"{second}.npz",
-              CamRecord(rec.keys, small[:, ::4, ::4][:, : -(-small.shape[1] // 4)], small, rec.checkpoint))
+              CamRecord(rec.keys, small[:, ::4, ::4][:, : -(-small.shape[1] // 4)], small, rec.weights_sha256))
     proc = run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path), check=False)
     assert proc.returncode == 2
     assert f"{first}.npz: unreadable" in proc.stderr
@@ -109,7 +120,8 @@ def test_cams_from_two_checkpoints_are_refused(synthetic_shards, gt, tmp_path):
     rec = read_cam(tmp_path / "cams" / f"{stale}.npz")
     write_cam(tmp_path / "cams" / f"{stale}.npz", CamRecord(rec.keys, rec.cam, rec.high_res, "other"))
     proc = run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path), check=False)
-    assert proc.returncode == 2 and "2 different checkpoints" in proc.stderr and stale in proc.stderr
+    assert proc.returncode == 2 and "2 different weights files" in proc.stderr and stale in proc.stderr
+    assert "rerun `vwe infer`" in proc.stderr
 
 
 @pytest.mark.multiprocess
@@ -125,3 +137,110 @@ def test_same_report_over_processes(synthetic_shards, gt, tmp_path, processes):
     multi = report(tmp_path)
     assert multi["processes"] == processes
     assert multi["confusion"] == single["confusion"] and multi["sweep"]["miou"] == single["sweep"]["miou"]
+
+
+def test_cams_of_other_weights_are_refused_unless_named(synthetic_shards, gt, tmp_path):
+    old = write_cams(tmp_path, gt, lambda m, k: np.where(m == k + 1, 0.9, 0.1))
+    new = final_weights(tmp_path, value=1.0)  # "more training": the run's final weights changed
+    assert new != old
+    proc = run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert old in proc.stderr and new in proc.stderr and "final/model.safetensors" in proc.stderr
+    assert "Rerun `vwe infer`" in proc.stderr and f"eval.cams={tmp_path / 'cams'}" in proc.stderr
+    assert not (tmp_path / "eval" / "report.json").exists()
+    # named explicitly: scored as it is, and the report says it was not matched to weights
+    proc = run_vwe("evaluate", "--config", DEMO,
+                   *overrides(synthetic_shards, tmp_path, f"eval.cams={tmp_path / 'cams'}", "eval.bkg=0.5"))
+    r = report(tmp_path)
+    assert r["miou"] == pytest.approx(1.0) and r["weights_sha256"] == old and r["weights_matched"] is False
+    assert r["weights"] is None and r["cams"] == str(tmp_path / "cams")
+    assert "scored as they are (eval.cams)" in proc.stdout
+
+
+def test_no_weights_to_match_names_the_file_and_the_option(synthetic_shards, gt, tmp_path):
+    write_cams(tmp_path, gt, lambda m, k: np.where(m == k + 1, 0.9, 0.1), checkpoint="copied")
+    proc = run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path), check=False)
+    assert proc.returncode == 2 and str(tmp_path / "final" / "model.safetensors") in proc.stderr
+    assert "eval.cams=<folder>" in proc.stderr and "Traceback" not in proc.stderr
+    run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path, f"eval.cams={tmp_path / 'cams'}"))
+    assert report(tmp_path)["weights_sha256"] == "copied"
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "key_out_of_range", "key_twice"])
+def test_bad_cam_contents_name_the_file(synthetic_shards, gt, tmp_path, case):
+    write_cams(tmp_path, gt, lambda m, k: np.where(m == k + 1, 0.9, 0.1))
+    key = next(k for k in sorted(gt) if len(gt[k][1]))
+    path = tmp_path / "cams" / f"{key}.npz"
+    rec = read_cam(path)
+    high, keys = rec.high_res.copy(), rec.keys.copy()
+    if case in ("nan", "inf"):
+        high[0, 1, 2] = np.nan if case == "nan" else np.inf
+        expected = "non-finite value(s) in 'high_res'"
+    elif case == "key_out_of_range":
+        keys[0] = 20
+        expected = "class index out of range 0..19"
+    else:
+        keys, high = np.array([keys[0], keys[0]]), np.concatenate([high[:1], high[:1]])
+        expected = "a class index appears twice"
+    h, w = high.shape[1:]
+    np.savez(path, keys=keys, cam=high[:, ::4, ::4][:, : -(-h // 4), : -(-w // 4)], high_res=high,
+             weights_sha256=np.array(rec.weights_sha256))
+    proc = run_vwe("evaluate", "--config", DEMO, *overrides(synthetic_shards, tmp_path), check=False)
+    assert proc.returncode == 2 and f"CAM file {path}: " in proc.stderr and expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_older_cam_files_with_checkpoint_field_still_read(tmp_path):
+    path = tmp_path / "old.npz"
+    np.savez(path, keys=np.array([3]), cam=np.zeros((1, 2, 2), np.float16), high_res=np.zeros((1, 5, 8), np.float16),
+             checkpoint=np.array("deadbeef"))
+    rec = read_cam(path)
+    assert rec.weights_sha256 == "deadbeef" and rec.keys.tolist() == [3]
+
+
+@pytest.fixture(scope="module")
+def bad_split(synthetic_shards, tmp_path_factory):
+    """The val split again, with a mask holding value 30 in one sample and a garbage JPEG in another."""
+    from data_helpers import samples_of, write_split
+    from vwe.data.voc import decode_mask, encode_mask
+    samples = samples_of(synthetic_shards, "val")
+    bad_mask, bad_jpeg = samples[2]["key"], samples[7]["key"]
+    mask = decode_mask(samples[2]["parts"]["mask.png"], "test").copy()
+    mask[:3, :3] = 30
+    samples[2]["parts"]["mask.png"] = encode_mask(mask)
+    samples[7]["parts"]["jpg"] = b"not a jpeg" * 10
+    root = tmp_path_factory.mktemp("bad_split")
+    write_split(root, "val", samples[:7], 1)  # only the bad mask
+    write_split(root / "both", "val", samples, 2)
+    return root, bad_mask, bad_jpeg, samples
+
+
+def test_mask_value_outside_classes_names_shard_and_key(bad_split, gt, tmp_path):
+    root, bad_mask, _, _ = bad_split
+    write_cams(tmp_path, {k: v for k, v in gt.items() if k != bad_mask} | {bad_mask: gt[bad_mask]},
+               lambda m, k: np.where(m == k + 1, 0.9, 0.1))
+    proc = run_vwe("evaluate", "--config", DEMO, *overrides(root, tmp_path), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"shard val-000000.tar, sample '{bad_mask}': mask holds value(s) 30 (9 pixels) outside 0..20 and 255" \
+        in proc.stderr
+    # visualize reads the same mask
+    proc = run_vwe("visualize", "--config", DEMO, *overrides(root, tmp_path), "--ids", bad_mask,
+                   "--out", str(tmp_path / "p.png"), check=False)
+    assert proc.returncode == 2 and f"sample '{bad_mask}': mask holds value(s) 30" in proc.stderr
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_skipped_samples_are_listed_in_the_report(bad_split, gt, tmp_path):
+    root, bad_mask, bad_jpeg, samples = bad_split
+    both = root / "both"
+    write_cams(tmp_path, {s["key"]: gt[s["key"]] for s in samples}, lambda m, k: np.where(m == k + 1, 0.9, 0.1))
+    proc = run_vwe("evaluate", "--config", DEMO, *overrides(both, tmp_path), check=False)
+    assert proc.returncode == 2 and f"sample '{bad_jpeg}'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_vwe("evaluate", "--config", DEMO, *overrides(both, tmp_path, "data.on_corrupt=skip", "eval.bkg=0.5"))
+    r = report(tmp_path)
+    n = len(samples)
+    assert r["num_images"] == n - 2 and r["split_size"] == n and r["miou"] == pytest.approx(1.0)
+    assert r["skipped"]["count"] == 2
+    assert r["skipped"]["by_reason"] == {"corrupt": [bad_jpeg], "mask values": [bad_mask]}
+    assert "holds value(s) 30" in r["skipped"]["messages"][bad_mask]
+    assert f"({n - 2} of {n} images: 2 skipped as corrupt (data.on_corrupt=skip, ids in report.json)" in proc.stdout

@@ -114,7 +114,7 @@ def test_cli_import_then_cams_equal_the_published_forward(vwe2021, tmp_path):
     assert config["model"]["backbone"] == "resnet50" and config["eval"]["bkg"] == 0.14
 
     # vwe's inference path: the network rebuilt from the file's config, BatchNorm folded
-    cfg = load_config(REPO / "configs" / "voc.yaml", [f"infer.checkpoint={out}", "model.pretrained=none"])
+    cfg = load_config(REPO / "configs" / "voc.yaml", [f"infer.weights={out}", "model.pretrained=none"])
     model, _, _ = load_cam_model(cfg, torch.device("cpu"))
     x = torch.randn(2, 3, 72, 88, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_infer_and_evaluate_with_imported_weights(vwe2021, synthetic_shards, tmp
               "model.pretrained=none"]
     cams = {}
     for name in ("a", "direct"):
-        run = [*common, f"infer.checkpoint={tmp_path / name}.safetensors", f"output.run_dir={tmp_path / name}"]
+        run = [*common, f"infer.weights={tmp_path / name}.safetensors", f"output.run_dir={tmp_path / name}"]
         run_vwe("infer", *run)
         if name == "a":
             run_vwe("evaluate", *run)

@@ -54,7 +54,7 @@ def test_same_cams_for_1_2_3_processes(synthetic_shards, trained, tmp_path):
     for key, one in results[1].items():
         for n in (2, 3):
             other = results[n][key]
-            assert (one.keys == other.keys).all() and one.checkpoint == other.checkpoint
+            assert (one.keys == other.keys).all() and one.weights_sha256 == other.weights_sha256
             np.testing.assert_allclose(one.high_res, other.high_res, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(one.cam, other.cam, rtol=1e-4, atol=1e-5)
     sample = next(iter(results[1].values()))

@@ -1,4 +1,4 @@
-"""CAM files: one `<id>.npz` per image with `keys`, `cam`, `high_res` and the producing checkpoint's hash.
+"""CAM files: one `<id>.npz` per image with `keys`, `cam`, `high_res` and the producing weights' SHA-256.
 
 NumPy .npz without pickle; written atomically so an interrupted inference never leaves a file that
 looks complete. `export_legacy` writes the older pickled-dict `.npy` files that IRNet-style refinement
@@ -17,7 +17,9 @@ import torch
 from vwe.errors import DataError
 from vwe.io import atomic_write
 
-FIELDS = ("keys", "cam", "high_res", "checkpoint")
+FIELDS = ("keys", "cam", "high_res")
+HASH_FIELD = "weights_sha256"
+OLD_HASH_FIELD = "checkpoint"  # files written before the rename
 
 
 @dataclass
@@ -25,40 +27,59 @@ class CamRecord:
     keys: np.ndarray        # (k,) int64 class indices 0..C-1 of the image's positive classes
     cam: np.ndarray         # (k, ceil(H/4), ceil(W/4))
     high_res: np.ndarray    # (k, H, W)
-    checkpoint: str         # hash of the weights that produced it
+    weights_sha256: str     # SHA-256 of the weights file that produced it
 
 
 def write_cam(path: Path, record: CamRecord) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
+    """Write atomically (vwe.io.atomic_write)."""
     atomic_write(path, lambda f: np.savez(f, keys=np.asarray(record.keys, dtype=np.int64), cam=record.cam,
-                                          high_res=record.high_res, checkpoint=np.array(record.checkpoint)),
+                                          high_res=record.high_res,
+                                          **{HASH_FIELD: np.array(record.weights_sha256)}),
                  "CAM file")
 
 
 def read_cam(path: Path, num_classes: int = 20) -> CamRecord:
-    """Read and check one CAM file; DataError naming the file when it is corrupt or inconsistent."""
+    """Read and check one CAM file; DataError naming the file when it is corrupt or inconsistent:
+    unreadable, missing arrays, shapes that disagree, class indices outside 0..num_classes-1 or repeated,
+    non-finite scores."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = [f for f in FIELDS if f not in z.files]
+            hash_field = HASH_FIELD if HASH_FIELD in z.files else OLD_HASH_FIELD
+            missing = [f for f in (*FIELDS, hash_field) if f not in z.files]
             if missing:
                 raise DataError(f"CAM file {path}: missing array(s) {', '.join(missing)}")
-            rec = CamRecord(z["keys"], z["cam"], z["high_res"], str(z["checkpoint"]))
+            rec = CamRecord(z["keys"], z["cam"], z["high_res"], str(z[hash_field]))
     except DataError:
         raise
     except FileNotFoundError:
         raise DataError(f"CAM file {path}: not found") from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise DataError(f"CAM file {path}: unreadable ({e})") from None
-    k = len(rec.keys)
+    if rec.keys.dtype.kind not in "iu":
+        raise DataError(f"CAM file {path}: keys must be integer class indices, got {rec.keys.dtype}")
+    for name in ("cam", "high_res"):
+        if getattr(rec, name).dtype.kind != "f":
+            raise DataError(f"CAM file {path}: '{name}' must hold floating-point scores, got "
+                            f"{getattr(rec, name).dtype}")
     if rec.keys.ndim != 1 or rec.cam.ndim != 3 or rec.high_res.ndim != 3 or \
-            rec.cam.shape[0] != k or rec.high_res.shape[0] != k:
+            rec.cam.shape[0] != len(rec.keys) or rec.high_res.shape[0] != len(rec.keys):
         raise DataError(f"CAM file {path}: inconsistent shapes keys {rec.keys.shape}, cam {rec.cam.shape}, "
                         f"high_res {rec.high_res.shape}")
+    k = len(rec.keys)
     if k and (rec.keys.min() < 0 or rec.keys.max() >= num_classes):
         raise DataError(f"CAM file {path}: class index out of range 0..{num_classes - 1}: {rec.keys.tolist()}")
+    if len(np.unique(rec.keys)) != k:
+        raise DataError(f"CAM file {path}: a class index appears twice in keys {rec.keys.tolist()}")
     h, w = rec.high_res.shape[1:]
     if rec.cam.shape[1:] != (-(-h // 4), -(-w // 4)):
         raise DataError(f"CAM file {path}: strided cam {rec.cam.shape[1:]} does not match high_res {(h, w)} / 4")
+    for name in ("cam", "high_res"):
+        values = getattr(rec, name)
+        if not np.isfinite(values).all():
+            bad = np.argwhere(~np.isfinite(values))
+            c, y, x = bad[0]
+            raise DataError(f"CAM file {path}: {len(bad)} non-finite value(s) in '{name}', the first "
+                            f"{values[c, y, x]} for class {int(rec.keys[c])} at (y={y}, x={x})")
     return rec
 
 

@@ -235,7 +235,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
     if not path.is_file():
-        raise CheckpointError(f"weights file {path} not found (train first, or set infer.checkpoint)")
+        raise CheckpointError(f"weights file {path} not found (train first, or set infer.weights)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -21,9 +22,10 @@ class ConfigError(VweError):
 
 
 def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None,
-         max: float | None = None, doc: str = "") -> Any:
-    """A dataclass field carrying validation metadata."""
-    meta = {"choices": choices, "min": min, "max": max, "doc": doc}
+         max: float | None = None, doc: str = "", nonfinite: bool = False) -> Any:
+    """A dataclass field carrying validation metadata. Float fields refuse NaN and +-Inf unless
+    `nonfinite` is true (and the doc then says what they mean)."""
+    meta = {"choices": choices, "min": min, "max": max, "doc": doc, "nonfinite": nonfinite}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -103,7 +105,8 @@ class TrainConfig:
 class InferConfig:
     scales: list[float] = _opt([1.0, 0.5, 1.5, 2.0])
     flip: bool = _opt(True)
-    checkpoint: str = _opt("", doc="weights file; empty: the run's exported final weights")
+    weights: str = _opt("", doc="weights file (.safetensors) or a training checkpoint folder (its model weights); "
+                                "empty: the run's exported final weights")
     out_dir: str = _opt("", doc="CAM folder; empty: <run_dir>/cams")
     dtype: str = _opt("float16", choices=("float16", "float32"), doc="stored CAM precision")
     mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"))
@@ -118,6 +121,8 @@ class EvalConfig:
     sweep: list[float] = _opt([0.05, 0.60, 0.01], doc="start, stop (inclusive), step for --sweep")
     allow_missing: bool = _opt(False, doc="evaluate even if some ids have no CAM")
     max_listed: int = _opt(20, min=1, doc="ids listed in a completeness error")
+    cams: str = _opt("", doc="score the CAMs in this folder as they are, not matched to the weights infer would "
+                             "use (recorded in the report); empty: the run's CAMs, which must come from those weights")
 
 
 @dataclass
@@ -212,7 +217,11 @@ def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
 def _check_range(value: Any, f: dataclasses.Field, key: str, src: str) -> None:
     meta = f.metadata
     items = value if isinstance(value, list) else [value]
-    for v in items:
+    for i, v in enumerate(items):
+        # NaN fails every comparison below, so it would pass any range: refuse it (and +-Inf) first
+        if isinstance(v, float) and not math.isfinite(v) and not meta.get("nonfinite"):
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            raise ConfigError(f"{src}: '{where}' must be a finite number, got {v!r}")
         if meta.get("choices") and v not in meta["choices"]:
             raise ConfigError(f"{src}: '{key}' must be one of {', '.join(map(str, meta['choices']))}; got {v!r}")
         if meta.get("min") is not None and v < meta["min"]:
@@ -221,7 +230,13 @@ def _check_range(value: Any, f: dataclasses.Field, key: str, src: str) -> None:
             raise ConfigError(f"{src}: '{key}' must be <= {meta['max']}, got {v!r}")
 
 
+# Keys that were renamed: refused with the new name (a silent alias would let two keys disagree).
+RENAMED = {"infer.checkpoint": "infer.weights (it names a weights file or a checkpoint folder)"}
+
+
 def _unknown(key: str, valid: list[str], src: str) -> ConfigError:
+    if key in RENAMED:
+        return ConfigError(f"{src}: '{key}' was renamed: use {RENAMED[key]}")
     leaf = key.rsplit(".", 1)[-1]
     prefix = key[: -len(leaf)]
     close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
@@ -309,12 +324,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason}); "
+                              f"a config is a YAML file") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         tree = loaded if loaded is not None else {}
         if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(tree).__name__}")
     cfg = _build(Config, tree, "", src)
     if overrides:
         over: dict = {}

@@ -1,7 +1,10 @@
 """CAM mIoU: each rank scores its part of the split, counts are summed over ranks, rank 0 reports.
 
-Before any score is trusted the CAM folder is checked for completeness: every id of the split has a
-readable CAM of the mask's size, and all CAMs come from one checkpoint.
+Before any score is trusted the inputs are checked: every id of the split has a readable CAM of the
+mask's size (finite scores, class indices 0..19 once each), every mask holds only 0..20 and 255, all
+CAMs come from one weights file, and that file is the one `vwe infer` would use now, unless
+`eval.cams` names a folder to score as it is. Samples skipped under `data.on_corrupt: skip` are listed
+in the report.
 """
 from __future__ import annotations
 
@@ -14,11 +17,14 @@ import numpy as np
 
 from vwe.cam_io import cam_dir_for, read_cam
 from vwe.config import Config
-from vwe.data.loader import infer_samples
+from vwe.data.loader import infer_ranges, infer_samples
+from vwe.data.shards import load_index
 from vwe.dist import all_reduce_sum, distributed_state, gather_objects
-from vwe.errors import DataError
-from vwe.metrics import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class, mean_iou,
-                         pixel_accuracy, sweep_histogram, sweep_thresholds)
+from vwe.errors import CheckpointError, DataError
+from vwe.io import atomic_write, file_sha256
+from vwe.metrics import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
+                         mask_value_problem, mean_iou, pixel_accuracy, sweep_histogram, sweep_thresholds)
+from vwe.skips import SkipPolicy, unseen_after
 
 NUM_LABELS = 21  # background + 20 VOC classes
 
@@ -28,16 +34,45 @@ def _listing(ids: list[str], limit: int) -> str:
     return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
 
 
+def expected_weights(cfg: Config) -> tuple[Path, str] | None:
+    """(weights file, SHA-256) that `vwe infer` would use now, which the CAMs must come from; None when
+    eval.cams names a folder to score as it is."""
+    if cfg.eval.cams:
+        return None
+    from vwe.infer import weights_path  # torch and the model only when matching
+    try:
+        path = weights_path(cfg)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\nthe CAMs are checked against the weights infer would use; to score a CAM "
+                              f"folder as it is, without that check, set eval.cams=<folder>") from None
+    return path, file_sha256(path)
+
+
 def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: np.ndarray) -> dict:
-    """This rank's histogram and the problems it found (never raises for one bad CAM: all are listed)."""
+    """This rank's histogram and the problems it found (never raises for one bad CAM or mask: all are
+    listed, and every rank reaches the collectives)."""
     hist = np.zeros((NUM_LABELS, NUM_LABELS, len(thresholds) + 1), np.int64)
     missing, bad = [], []
-    by_checkpoint: dict[str, list[str]] = defaultdict(list)
+    by_weights: dict[str, list[str]] = defaultdict(list)
+    skips = SkipPolicy.from_config(cfg, what="sample")
+    idx = load_index(cfg.data.root, cfg.data.infer_split)
+    shard_of = {k: s.name for s in idx.shards for k in s.keys}
+    lo, hi = infer_ranges(idx.num_samples, world)[rank]
     scored = 0
-    for sample in infer_samples(cfg, rank, world, with_scales=False, with_image=False):
+    samples = infer_samples(cfg, rank, world, with_scales=False, with_image=False)
+    for sample in unseen_after(samples, idx.keys[lo:hi], skips):
         key, mask = sample["key"], sample["mask"]
         if mask is None:
             bad.append(f"{key}: the split has no ground-truth mask for it")
+            continue
+        gt = mask.numpy() if hasattr(mask, "numpy") else np.asarray(mask)
+        problem = mask_value_problem(gt, NUM_LABELS)
+        if problem:
+            message = f"shard {shard_of.get(key, '?')}, sample {key!r}: mask {problem}"
+            if skips.skipping:
+                skips.skip(key, message, reason="mask values")
+            else:
+                bad.append(message)
             continue
         path = cam_dir / f"{key}.npz"
         if not path.exists():
@@ -48,70 +83,100 @@ def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: n
         except DataError as e:
             bad.append(str(e))
             continue
-        gt = mask.numpy() if hasattr(mask, "numpy") else np.asarray(mask)
         if rec.high_res.shape[1:] != gt.shape:
             bad.append(f"CAM file {path}: size {rec.high_res.shape[1:]} differs from its mask {gt.shape}")
             continue
-        by_checkpoint[rec.checkpoint].append(key)
+        by_weights[rec.weights_sha256].append(key)
         hist += sweep_histogram(rec.high_res, rec.keys, gt, thresholds, NUM_LABELS)
         scored += 1
-    return {"hist": hist, "missing": missing, "bad": bad, "by_checkpoint": dict(by_checkpoint),
-            "scored": scored}
+    return {"hist": hist, "missing": missing, "bad": bad, "by_weights": dict(by_weights),
+            "scored": scored, "skips": skips.state(), "range": hi - lo}
 
 
-def _check_complete(parts: list[dict], cfg: Config, cam_dir: Path) -> tuple[list[str], list[str]]:
+def _check_complete(parts: list[dict], cfg: Config, cam_dir: Path,
+                    expected: tuple[Path, str] | None) -> tuple[list[str], list[str]]:
     limit = cfg.eval.max_listed
     bad = [b for p in parts for b in p["bad"]]
     if bad:
-        raise DataError(f"{len(bad)} CAM problem(s) in {cam_dir}:\n  " + "\n  ".join(bad[:limit]) +
+        raise DataError(f"{len(bad)} problem(s) with the CAMs in {cam_dir} or the masks of split "
+                        f"'{cfg.data.infer_split}':\n  " + "\n  ".join(bad[:limit]) +
                         (f"\n  ... ({len(bad) - limit} more)" if len(bad) > limit else ""))
-    by_ckpt: dict[str, list[str]] = defaultdict(list)
+    by_weights: dict[str, list[str]] = defaultdict(list)
     for p in parts:
-        for ckpt, ids in p["by_checkpoint"].items():
-            by_ckpt[ckpt].extend(ids)
-    if len(by_ckpt) > 1:
-        lines = [f"checkpoint {c[:12]}: {len(ids)} CAMs, e.g. {_listing(ids, 5)}" for c, ids in by_ckpt.items()]
-        raise DataError(f"CAMs in {cam_dir} come from {len(by_ckpt)} different checkpoints; delete the stale "
-                        f"ones and re-run inference:\n  " + "\n  ".join(lines))
+        for sha, ids in p["by_weights"].items():
+            by_weights[sha].extend(ids)
+    if len(by_weights) > 1:
+        lines = [f"weights {sha}: {len(ids)} CAMs, e.g. {_listing(ids, 5)}" for sha, ids in by_weights.items()]
+        now = (f"; `vwe infer` replaces those not from {expected[0]} (sha256 {expected[1]})" if expected else "")
+        raise DataError(f"CAMs in {cam_dir} come from {len(by_weights)} different weights files: rerun "
+                        f"`vwe infer`{now}:\n  " + "\n  ".join(lines))
+    if expected and by_weights and expected[1] not in by_weights:
+        (found,) = by_weights
+        raise DataError(f"CAMs in {cam_dir} come from other weights (sha256 {found}) than those `vwe infer` "
+                        f"would use now: {expected[0]} (sha256 {expected[1]}). Rerun `vwe infer` (it replaces "
+                        f"CAMs of other weights), or score these as they are with eval.cams={cam_dir}")
     missing = [k for p in parts for k in p["missing"]]
     if missing and not cfg.eval.allow_missing:
         raise DataError(f"{len(missing)} id(s) of split '{cfg.data.infer_split}' have no CAM in {cam_dir} "
                         f"(set eval.allow_missing=true to evaluate the rest): {_listing(missing, limit)}")
-    return missing, list(by_ckpt)
+    if not sum(p["scored"] for p in parts):
+        raise DataError(f"no image of split '{cfg.data.infer_split}' could be scored with the CAMs in {cam_dir} "
+                        f"({len(missing)} without a CAM, {sum(len(p['skips']) for p in parts)} skipped as corrupt)")
+    return missing, list(by_weights)
 
 
 def evaluate(cfg: Config, sweep: bool = False) -> int:
-    """Score the run's CAMs against the ground truth; rank 0 writes eval/report.json and eval/table.md."""
+    """Score the CAMs against the ground truth; rank 0 writes eval/report.json and eval/table.md."""
     state = distributed_state()
-    cam_dir = cam_dir_for(cfg)
+    cam_dir = Path(cfg.eval.cams) if cfg.eval.cams else cam_dir_for(cfg)
     if not cam_dir.is_dir():
-        raise DataError(f"CAM folder {cam_dir} does not exist: run `vwe infer` first")
+        hint = "check eval.cams" if cfg.eval.cams else "run `vwe infer` first"
+        raise DataError(f"CAM folder {cam_dir} does not exist: {hint}")
+    expected = expected_weights(cfg)
     bkg = np.float32(cfg.eval.bkg)
     thresholds = sweep_thresholds(*cfg.eval.sweep, extra=(float(bkg),)) if sweep else np.array([bkg])
     start = time.perf_counter()
     part = _score_part(cfg, state.process_index, state.num_processes, cam_dir, thresholds)
     hist = all_reduce_sum(part.pop("hist"))
     parts = gather_objects(part)
-    missing, checkpoints = _check_complete(parts, cfg, cam_dir)
+    missing, weights = _check_complete(parts, cfg, cam_dir, expected)
     confs = confusions_from_histogram(hist)
     if not state.is_main_process:
         return 0
-    report = _report(cfg, confs, thresholds, bkg, missing, checkpoints, sum(p["scored"] for p in parts),
+    skips = SkipPolicy.from_config(cfg, what="sample")
+    skips.merge(p["skips"] for p in parts)
+    report = _report(cfg, confs, thresholds, bkg, missing, weights, sum(p["scored"] for p in parts),
                      time.perf_counter() - start, state.num_processes)
+    report.update(split_size=sum(p["range"] for p in parts), skipped=skips.report(), cams=str(cam_dir),
+                  weights_matched=expected is not None, weights=str(expected[0]) if expected else None)
     out = Path(cfg.output.run_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write(out / "report.json", json.dumps(report, indent=2), "evaluation report")
     table = format_table(np.array([np.nan if v is None else v for v in report["iou"].values()]), report["miou"])
-    text = f"CAM mIoU on '{cfg.data.infer_split}' ({report['num_images']} images, bkg={cfg.eval.bkg}):\n\n{table}"
+    text = f"CAM mIoU on '{cfg.data.infer_split}' ({_coverage(report, skips)}, bkg={cfg.eval.bkg}):\n\n{table}"
     if sweep:
         text += f"\nsweep: best bkg={report['sweep']['best_bkg']:.2f} -> mIoU {100 * report['sweep']['best_miou']:.1f}\n"
-    (out / "table.md").write_text(text)
+    if not report["weights_matched"]:
+        text += f"\nCAMs of {cam_dir} scored as they are (eval.cams): not matched to the weights infer would use\n"
+    atomic_write(out / "table.md", text, "evaluation table")
     print(text + f"\nreport: {out / 'report.json'}\ntable:  {out / 'table.md'}")
     return 0
 
 
+def _coverage(report: dict, skips: SkipPolicy) -> str:
+    """'48 images', or '45 of 48 images: 2 skipped as corrupt (data.on_corrupt=skip), 1 without a CAM'."""
+    n, total = report["num_images"], report["split_size"]
+    if n == total:
+        return f"{n} images"
+    notes = []
+    if skips.total:
+        notes.append(f"{skips.total} skipped as corrupt (data.on_corrupt=skip, ids in report.json)")
+    if report["missing"]:
+        notes.append(f"{len(report['missing'])} without a CAM (eval.allow_missing)")
+    return f"{n} of {total} images: " + ", ".join(notes)
+
+
 def _report(cfg: Config, confs: np.ndarray, thresholds: np.ndarray, bkg: np.float32, missing: list[str],
-            checkpoints: list[str], scored: int, seconds: float, world: int) -> dict:
+            weights: list[str], scored: int, seconds: float, world: int) -> dict:
     main = int(np.flatnonzero(thresholds == bkg)[0])
     conf = confs[main]
     iou = iou_per_class(conf)
@@ -123,7 +188,7 @@ def _report(cfg: Config, confs: np.ndarray, thresholds: np.ndarray, bkg: np.floa
         "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(SHORT_NAMES, iou)},
         "num_images": scored,
         "missing": sorted(missing),
-        "checkpoint": checkpoints[0] if checkpoints else None,
+        "weights_sha256": weights[0] if weights else None,
         "confusion": conf.tolist(),
         "processes": world,
         "seconds": round(seconds, 3),

@@ -13,6 +13,23 @@ SHORT_NAMES = ("bkg", "aero", "bike", "bird", "boat", "bottle", "bus", "car", "c
                "table", "dog", "horse", "motor", "person", "plant", "sheep", "sofa", "train", "tv")
 
 
+IGNORE_INDEX = 255  # ground-truth pixels that are not scored (object boundaries in VOC)
+
+
+def mask_value_problem(gt: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> str | None:
+    """None when every value of the mask is a class 0..num_classes-1 or ignore_index; else a description
+    of the offending values ("holds value(s) 30, 41 (12 pixels) outside 0..20 and 255")."""
+    if gt.size == 0 or (gt.min() >= 0 and gt.max() < num_classes):
+        return None  # the common case, without building a boolean mask
+    wrong = (gt < 0) | ((gt >= num_classes) & (gt != ignore_index))
+    if not wrong.any():
+        return None
+    values = np.unique(gt[wrong])
+    shown = ", ".join(str(int(v)) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+    return (f"holds value(s) {shown} ({int(wrong.sum())} pixels) outside 0..{num_classes - 1} "
+            f"and {ignore_index}")
+
+
 def cam_to_label(high_res: np.ndarray, keys: np.ndarray, bkg: float) -> np.ndarray:
     """Label map (H, W): background channel of constant `bkg` prepended, argmax, channel i -> keys[i-1]+1."""
     k, h, w = high_res.shape
@@ -25,6 +42,10 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_
     """(num_classes, num_classes) int64 counts, rows = ground truth, columns = prediction."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
+    for name, a in (("ground truth", gt), ("prediction", np.where(gt == ignore_index, 0, pred))):
+        problem = mask_value_problem(a, num_classes, ignore_index)
+        if problem:
+            raise ValueError(f"{name} {problem}")
     valid = gt != ignore_index
     idx = gt[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
     return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
@@ -70,10 +91,11 @@ def sweep_histogram(high_res: np.ndarray, keys: np.ndarray, gt: np.ndarray, thre
     n, t = num_classes, len(thresholds)
     if high_res.shape[1:] != gt.shape:
         raise ValueError(f"CAM size {high_res.shape[1:]} differs from mask size {gt.shape}")
+    problem = mask_value_problem(gt, n, ignore_index)
+    if problem:  # a value n..254 would otherwise land in the ignored row below and vanish
+        raise ValueError(f"mask {problem}")
     g = gt.astype(np.intp)
     g[gt == ignore_index] = n  # an extra row for ignored pixels, dropped at the end (no masked copies)
-    if g.size and (g.min() < 0 or g.max() > n):
-        raise ValueError(f"mask values outside 0..{n - 1} and {ignore_index}")
     k = high_res.shape[0]
     if k == 0:
         fg, top = 0, None

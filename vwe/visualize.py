@@ -9,9 +9,11 @@ from PIL import Image, ImageDraw
 from vwe.cam_io import cam_dir_for, read_cam
 from vwe.config import Config
 from vwe.data.loader import infer_samples
+from vwe.data.shards import load_index
 from vwe.data.voc import CLASS_NAMES, voc_palette
 from vwe.errors import DataError
-from vwe.metrics import cam_to_label
+from vwe.io import atomic_write
+from vwe.metrics import cam_to_label, mask_value_problem
 
 TILE = 160
 LABEL_H = 14
@@ -69,17 +71,29 @@ def picture_row(image: np.ndarray, mask: np.ndarray | None, keys: np.ndarray, hi
 
 
 def visualize(cfg: Config, ids: list[str], out: Path) -> Path:
-    """Write one PNG with a row per id (image, ground truth, CAMs, prediction, legend)."""
+    """Write one PNG with a row per id (image, ground truth, CAMs, prediction, legend). The CAMs are read
+    from eval.cams, or the run's CAM folder; a bad CAM or mask is a DataError naming the file or sample."""
     wanted = set(ids)
-    cam_dir = cam_dir_for(cfg)
+    cam_dir = Path(cfg.eval.cams) if cfg.eval.cams else cam_dir_for(cfg)
+    idx = load_index(cfg.data.root, cfg.data.infer_split)
+    shard_of = {k: s.name for s in idx.shards for k in s.keys}
     rows: dict[str, Image.Image] = {}
     for sample in infer_samples(cfg, 0, 1, with_scales=False):
-        if sample["key"] not in wanted:
+        key = sample["key"]
+        if key not in wanted:
             continue
-        rec = read_cam(cam_dir / f"{sample['key']}.npz")
+        path = cam_dir / f"{key}.npz"
+        rec = read_cam(path, num_classes=len(CLASS_NAMES))
         image = sample["image"].permute(1, 2, 0).numpy()
         mask = sample["mask"].numpy() if sample["mask"] is not None else None
-        rows[sample["key"]] = picture_row(image, mask, rec.keys, rec.high_res, cfg.eval.bkg, sample["key"])
+        if mask is not None:
+            problem = mask_value_problem(mask, len(CLASS_NAMES) + 1)
+            if problem:
+                raise DataError(f"shard {shard_of.get(key, '?')}, sample {key!r}: mask {problem}")
+        if rec.high_res.shape[1:] != image.shape[:2]:
+            raise DataError(f"CAM file {path}: size {rec.high_res.shape[1:]} differs from its image "
+                            f"{image.shape[:2]}")
+        rows[key] = picture_row(image, mask, rec.keys, rec.high_res, cfg.eval.bkg, key)
         if len(rows) == len(wanted):
             break
     missing = [i for i in ids if i not in rows]
@@ -91,7 +105,6 @@ def visualize(cfg: Config, ids: list[str], out: Path) -> Path:
     for i in ids:
         sheet.paste(rows[i], (0, y))
         y += rows[i].height
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    atomic_write(out, lambda f: sheet.save(f, format="PNG"), "picture")
     print(f"wrote {out}")
     return out

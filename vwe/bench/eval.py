@@ -38,6 +38,7 @@ def run(cfg: Config, args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = copy.deepcopy(cfg)
         cfg.infer.out_dir = str(Path(tmp) / "cams")
+        cfg.eval.cams = cfg.infer.out_dir  # made-up CAMs: no weights to match them against
         cfg.output.run_dir = str(Path(tmp) / "run")
         t0 = time.perf_counter()
         n = write_random_cams(cfg, Path(cfg.infer.out_dir))

@@ -17,15 +17,16 @@ def encode_words(features: torch.Tensor, codebook: torch.Tensor
     Returns the soft assignment A (B, K, h, w) = softmax over words of the cosine scores between the
     detached, L2-normalised features and the L2-normalised words; the histogram H (B, K, 1, 1) = sum
     of A over positions; the word labels (B, K) float, 1 where some pixel's argmax word is k (detached).
-    Computed in float32 whatever the autocast state: a low-precision softmax over K words summed over
+    Computed in at least float32 whatever the autocast state: a low-precision softmax over K words summed over
     hundreds of positions loses the histogram's resolution.
     """
     if features.dim() != 4 or codebook.dim() != 2 or features.shape[1] != codebook.shape[1]:
         raise ValueError(f"encode_words expects features (B, D, h, w) and codebook (K, D); got "
                          f"{tuple(features.shape)} and {tuple(codebook.shape)}")
     with torch.autocast(features.device.type, enabled=False):
-        f_hat = F.normalize(features.detach().float(), dim=1)
-        v_hat = F.normalize(codebook.float(), dim=1)
+        dt = torch.promote_types(torch.promote_types(features.dtype, codebook.dtype), torch.float32)
+        f_hat = F.normalize(features.detach().to(dt), dim=1)
+        v_hat = F.normalize(codebook.to(dt), dim=1)
         scores = torch.einsum("bdhw,kd->bkhw", f_hat, v_hat)
         assignment = scores.softmax(dim=1)
         histogram = assignment.sum(dim=(2, 3), keepdim=True)
