@@ -25,6 +25,7 @@ def test_config_keys_lists_every_setting():
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(hints[section.name]):
             assert f"  {section.name}.{f.name}  (" in out, f"{section.name}.{f.name} missing"
+            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no one-line doc"
     train_only = run_vwe("config", "keys", "train").stdout
     assert "train.lr  (float, default 0.01; >= 0.0)" in train_only and "model." not in train_only
     bad = run_vwe("config", "keys", "trian", check=False)

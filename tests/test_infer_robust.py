@@ -136,7 +136,12 @@ def test_weights_holding_nan_are_refused(synthetic_shards, tmp_path):
     state = build_model(cfg.model).state_dict()
     name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 4)
     state[name][0, 0, 0, 0] = float("nan")
-    export_weights(state, cfg.to_dict(), tmp_path / FINAL_WEIGHTS_NAME)
+    # planted by hand: vwe's own export refuses non-finite weights
+    import json
+    from safetensors.torch import save_file
+    (tmp_path / FINAL_WEIGHTS_NAME).parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / FINAL_WEIGHTS_NAME),
+              metadata={"vwe_config": json.dumps(cfg.to_dict())})
     proc = run_vwe("infer", *_infer_args(synthetic_shards, tmp_path), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"weights file {tmp_path / FINAL_WEIGHTS_NAME}: 1 tensor(s) hold NaN or Inf (e.g. {name})" in proc.stderr

@@ -53,15 +53,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _opt("resnet50", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    backbone: str = _opt("resnet50", choices=("resnet18", "resnet34", "resnet50", "resnet101"),
+                         doc="torchvision ResNet at output stride 16")
     pretrained: str = _opt("imagenet", doc="none | imagenet | path to a .pth/.safetensors state dict")
     norm: str = _opt("frozen", choices=("frozen", "frozen_all", "batch", "syncbatch", "group"),
                      doc="frozen: ImageNet BN statistics, trained gamma/beta (the paper); frozen_all: "
                          "affine frozen too; batch/syncbatch/group: trainable norm, from scratch")
-    num_classes: int = _opt(20, min=1)
+    num_classes: int = _opt(20, min=1, doc="classes C (background is not one); 20 for VOC")
     detach_stage2: bool = _opt(True, doc="stop gradients after stage 2 (conference version)")
     codebook: str = _opt("learned", choices=("learned", "memory"), doc="VWE/VWL-L or VWL-M")
-    num_words: int = _opt(256, min=2)
+    num_words: int = _opt(256, min=2, doc="visual words K in the codebook")
     pooling: str = _opt("hspp", choices=("hspp", "gap"),
                         doc="classifier pooling: hybrid spatial pyramid (the paper) or global average (ablation)")
     pool_levels: list[int] = _opt([1, 2, 4], doc="HSPP pyramid levels")
@@ -72,8 +73,8 @@ class ModelConfig:
                               doc="histogram head W_a loss weight; 0: head off and frozen; ignored with memory")
     word_weight: float = _opt(1.0, min=0.0, doc="word head W_b loss weight; 0: head off and frozen")
     decorrelation_weight: float = _opt(0.0, min=0.0, doc="VWL-L codebook decorrelation loss weight")
-    grad_checkpointing: bool = _opt(False)
-    channels_last: bool = _opt(True)
+    grad_checkpointing: bool = _opt(False, doc="recompute backbone stages in the backward pass (less memory)")
+    channels_last: bool = _opt(True, doc="NHWC weights and activations (faster on GPUs and bf16 CPUs)")
 
 
 @dataclass
@@ -103,15 +104,17 @@ class TrainConfig:
 
 @dataclass
 class InferConfig:
-    scales: list[float] = _opt([1.0, 0.5, 1.5, 2.0])
-    flip: bool = _opt(True)
+    scales: list[float] = _opt([1.0, 0.5, 1.5, 2.0], doc="image scales whose CAMs are summed (docs/method.md)")
+    flip: bool = _opt(True, doc="also the horizontal flip at each scale (elementwise max with the image's CAM)")
     weights: str = _opt("", doc="weights file (.safetensors) or a training checkpoint folder (its model weights); "
                                 "empty: the run's exported final weights")
     out_dir: str = _opt("", doc="CAM folder; empty: <run_dir>/cams")
     dtype: str = _opt("float16", choices=("float16", "float32"), doc="stored CAM precision")
-    mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = _opt("no", choices=("auto", "no", "fp16", "bf16"),
+                                doc="inference autocast; no (fp32) in the paper configs, auto: bf16 where native "
+                                    "(docs/inference.md: what it changes)")
     batch_size: int = _opt(4, min=1, doc="images of equal size per forward (each with its flip)")
-    num_workers: int = _opt(2, min=0)
+    num_workers: int = _opt(2, min=0, doc="loader workers per rank for inference")
     legacy_dir: str = _opt("", doc="also export pickled-dict .npy CAMs (IRNet format) into this folder")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vwe.board import log_evaluation
 from vwe.cam_io import cam_dir_for, read_cam
 from vwe.config import Config
 from vwe.data.loader import infer_ranges, infer_samples
@@ -59,7 +60,7 @@ def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: n
     shard_of = {k: s.name for s in idx.shards for k in s.keys}
     lo, hi = infer_ranges(idx.num_samples, world)[rank]
     scored = 0
-    samples = infer_samples(cfg, rank, world, with_scales=False, with_image=False)
+    samples = infer_samples(cfg, rank, world, with_scales=False, with_image=False, skips=skips)
     for sample in unseen_after(samples, idx.keys[lo:hi], skips):
         key, mask = sample["key"], sample["mask"]
         if mask is None:
@@ -159,6 +160,7 @@ def evaluate(cfg: Config, sweep: bool = False) -> int:
         text += f"\nCAMs of {cam_dir} scored as they are (eval.cams): not matched to the weights infer would use\n"
     atomic_write(out / "table.md", text, "evaluation table")
     print(text + f"\nreport: {out / 'report.json'}\ntable:  {out / 'table.md'}")
+    log_evaluation(cfg, report, cam_dir)
     return 0
 
 

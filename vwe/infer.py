@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -27,13 +28,14 @@ from vwe.config import Config, ModelConfig, config_from_dict
 from vwe.data.loader import infer_ranges, infer_samples
 from vwe.data.shards import load_index
 from vwe.data.transforms import normalize
-from vwe.device import autocast as device_autocast
-from vwe.dist import distributed_state, gather_objects
+from vwe.device import autocast as device_autocast, precision_note, resolve_precision
+from vwe.dist import collective_call, distributed_state, gather_objects
 from vwe.errors import CheckpointError, DataError
 from vwe.io import atomic_write, file_sha256
-from vwe.model.backbone import fold_frozen_bn
+from vwe.model.backbone import FROZEN_NORMS, fold_frozen_bn
 from vwe.model.net import build_model
 from vwe.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
+from vwe.runlock import RunLock
 from vwe.skips import SkipPolicy, unseen_after
 
 
@@ -96,7 +98,7 @@ def load_cam_model(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, 
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"weights file {path} does not fit the model: {e}") from None
-    if model_cfg.norm == "frozen":
+    if model_cfg.norm in FROZEN_NORMS:
         fold_frozen_bn(model)  # an affine map after a convolution: one convolution at inference
     model.eval().to(device)
     return model, file_sha256(path), model_cfg
@@ -189,6 +191,24 @@ def infer(cfg: Config) -> int:
     state = distributed_state()
     device, rank, world = state.device, state.process_index, state.num_processes
     model, weights_hash, model_cfg = load_cam_model(cfg, device)
+    precision = resolve_precision(cfg.infer.mixed_precision, device)
+    lock = RunLock(cfg.output.run_dir, "vwe infer")
+    note = collective_call(lambda: lock.acquire().note, main_only=True)
+    preempt = PreemptionFlag().install()
+    try:
+        if state.is_main_process:
+            print(f"infer: {precision_note(cfg.infer.mixed_precision, precision, device)}" +
+                  (f"\n{note}" if note else ""), file=sys.stderr)
+        return _infer(cfg, state, model, weights_hash, model_cfg, precision, preempt)
+    finally:
+        preempt.restore()
+        if state.is_main_process:
+            lock.release()
+
+
+def _infer(cfg: Config, state, model: torch.nn.Module, weights_hash: str, model_cfg: ModelConfig,
+           precision: str, preempt: PreemptionFlag) -> int:
+    device, rank, world = state.device, state.process_index, state.num_processes
     out_dir = cam_dir_for(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:  # manifests of an earlier launch with more processes would mislead
@@ -196,7 +216,7 @@ def infer(cfg: Config) -> int:
             if int(old.stem[len("manifest-rank"):]) >= world:
                 old.unlink()
     store = np.float16 if cfg.infer.dtype == "float16" else np.float32
-    autocast = functools.partial(device_autocast, cfg.infer.mixed_precision, device)
+    autocast = functools.partial(device_autocast, precision, device)
     channels_last = model_cfg.channels_last
     counts = {"written": 0, "already_done": 0, "stale_replaced": 0}
     written: list[str] = []
@@ -214,7 +234,8 @@ def infer(cfg: Config) -> int:
         if not (torch.isfinite(high).all() and torch.isfinite(strided).all()):
             keys = ", ".join(s["key"] for s in group)
             raise CheckpointError(f"weights {weights_path(cfg)} give non-finite CAMs for image(s) {keys} "
-                                  f"(infer.mixed_precision={cfg.infer.mixed_precision}); nothing written for them")
+                                  f"(infer.mixed_precision={cfg.infer.mixed_precision} -> {precision}); nothing written "
+                                  f"for them")
         for j, sample in enumerate(group):
             keys, hr = keep_positive(high[j], sample["labels"])
             _, st = keep_positive(strided[j], sample["labels"])
@@ -223,9 +244,8 @@ def infer(cfg: Config) -> int:
             written.append(sample["key"])
             counts["written"] += 1
 
-    preempt = PreemptionFlag().install()
     bar = tqdm(desc=f"infer rank {rank}", disable=not state.is_main_process, unit="img", dynamic_ncols=True)
-    samples = unseen_after(infer_samples(cfg, rank, world), _range_keys(cfg, rank, world), skips)
+    samples = unseen_after(infer_samples(cfg, rank, world, skips=skips), _range_keys(cfg, rank, world), skips)
     for sample in samples:
         if preempt.requested:
             break
@@ -258,7 +278,8 @@ def infer(cfg: Config) -> int:
 
     seconds = time.perf_counter() - start
     manifest = {"rank": rank, "world": world, "split": cfg.data.infer_split, "weights": str(weights_path(cfg)),
-                "weights_sha256": weights_hash, "seconds": round(seconds, 3), **counts,
+                "weights_sha256": weights_hash, "mixed_precision": precision, "seconds": round(seconds, 3),
+                **counts,
                 "max_pending_images": batcher.max_pending, "skipped": skips.report(), "ids": sorted(written)}
     atomic_write(out_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), "inference manifest")
     totals = gather_objects({**counts, "skips": skips.state()})

@@ -26,6 +26,7 @@ from vwe.errors import DataError, VweError
 from vwe.io import atomic_write, file_sha256
 from vwe.metrics import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
     pixel_accuracy
+from vwe.skips import SkipPolicy
 
 NUM_LABELS = 21  # background + 20 VOC classes
 SOURCE_KEY = "vwe_source"  # PNG text chunk: the CAM's hash and the settings the labels were made with
@@ -127,8 +128,8 @@ def _refine_part(cfg: Config, rank: int, world: int, cam_dir: Path, out_dir: Pat
     problems: list[str] = []
     by_checkpoint: dict[str, list[str]] = defaultdict(list)
     written: list[str] = []
-    for sample in infer_samples(cfg, rank, world, with_scales=False, with_image=rc.method == "crf"):
-        counts["corrupt_skipped"] += sample.get("skipped", 0)
+    skips = SkipPolicy.from_config(cfg, what="image")
+    for sample in infer_samples(cfg, rank, world, with_scales=False, with_image=rc.method == "crf", skips=skips):
         key = sample["key"]
         cam_path = cam_dir / f"{key}.npz"
         if not cam_path.exists():
@@ -171,6 +172,7 @@ def _refine_part(cfg: Config, rank: int, world: int, cam_dir: Path, out_dir: Pat
         gt = sample["mask"].numpy()
         conf += confusion_matrix(label, gt, NUM_LABELS)
         base += confusion_matrix(threshold_labels(rec.high_res, rec.keys, rc.bkg), gt, NUM_LABELS)
+    counts["corrupt_skipped"] = skips.total
     return {"conf": conf, "base": base, "counts": counts, "problems": problems,
             "by_checkpoint": dict(by_checkpoint), "written": written}
 

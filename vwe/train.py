@@ -20,6 +20,7 @@ from vwe.data.loader import train_batches
 from vwe.dist import collective_call, gather_objects, reduce_sum
 from vwe.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
 from vwe.runlock import RunLock
+from vwe.skips import SkipPolicy
 from vwe.training.checkpointer import Checkpointer, choose_checkpoint
 from vwe.training.logger import TrainLogger
 from vwe.training.setup import TrainState, build_parts, make_accelerator
@@ -58,8 +59,8 @@ class Trainer:
                 self.logger.print(line)
         if resumed:
             self.logger.print(f"resumed from {resumed.path} at step {self.state.step} (epoch {self.state.epoch})")
-        self._pending_skips = 0  # this rank's skipped samples since the last step
-        self._epoch_skips = 0    # all ranks' skipped samples this epoch
+        self.skips = SkipPolicy.from_config(cfg)  # corrupt samples this rank skipped (data.on_corrupt)
+        self._epoch_skips = 0  # all ranks' skipped samples this epoch
         self.preempt = PreemptionFlag().install()
         self._closers.append(self.preempt.restore)
 
@@ -72,7 +73,6 @@ class Trainer:
                 s.micro += 1
                 s.samples += len(batch["key"]) * parts.accelerator.num_processes
                 self.logger.add(losses)
-                self._pending_skips += int(batch.get("skipped", 0))
                 if not parts.accelerator.sync_gradients:
                     continue
                 s.step += 1
@@ -97,7 +97,7 @@ class Trainer:
     def _batches(self) -> Iterator[dict]:
         """This rank's micro-batches of the current epoch from the saved position, timing the data wait."""
         it = iter(train_batches(self.cfg, self.accelerator.process_index, self.accelerator.num_processes,
-                                self.state.epoch, start_batch=self.state.micro))
+                                self.state.epoch, start_batch=self.state.micro, skips=self.skips))
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -109,11 +109,10 @@ class Trainer:
     def _agree(self) -> tuple[bool, bool]:
         """One all-reduce per step: non-finite loss anywhere, a preemption signal anywhere, skips summed."""
         flags = reduce_sum(torch.tensor([float(not self.logger.window.finite()),
-                                         float(self.preempt.requested), float(self._pending_skips)],
+                                         float(self.preempt.requested), float(self.skips.take_window())],
                                         device=self.parts.device))
         self.state.skipped += int(flags[2])
         self._epoch_skips += int(flags[2])
-        self._pending_skips = 0
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def _end_epoch(self) -> None:
@@ -125,11 +124,13 @@ class Trainer:
     def _summary(self, fields: dict) -> None:
         replicas = gather_objects({"batches": self.logger.window.total_micro,
                                    "weights_digest": weights_digest(self.parts.net)})
+        self.skips.merge(gather_objects(self.skips.state()))
         fields.update({"batches_per_rank": [r["batches"] for r in replicas],
-                       "replicas_identical": len({r["weights_digest"] for r in replicas}) == 1})
+                       "replicas_identical": len({r["weights_digest"] for r in replicas}) == 1,
+                       "skipped_this_run": self.skips.report()})
         self.logger.summary(self.state, fields)
-        if self.state.skipped:
-            self.logger.print(f"warning: {self.state.skipped} corrupt sample(s) were skipped (data.on_corrupt=skip)")
+        if self.skips.total:
+            self.logger.print(f"warning: {self.skips.summary(f'over {self.accelerator.num_processes} process(es)')}")
 
     def close(self) -> None:
         for close in reversed(self._closers):

@@ -13,7 +13,6 @@ worker: every sample exactly once over all ranks, for any world size and shard c
 from __future__ import annotations
 
 import itertools
-import logging
 import signal
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +27,8 @@ from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, tr
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.errors import DataError, VweError
 from vwe.preempt import PREEMPT_SIGNALS
+from vwe.skips import Skip, SkipPolicy
 
-log = logging.getLogger("vwe.data")
 _ERROR = "__vwe_data_error__"
 
 
@@ -81,6 +80,7 @@ class _TrainStream(IterableDataset):
     def __init__(self, cfg, index: SplitIndex, rank: int, world: int, epoch: int, start_batch: int,
                  total: int, batch: int):
         self.d, self.index = cfg.data, index
+        self.skips = SkipPolicy.from_config(cfg)  # decides in the workers; the main process records
         self.seed = cfg.train.seed
         self.rank, self.world, self.epoch = rank, world, epoch
         self.start, self.total, self.batch = start_batch, total, batch
@@ -112,41 +112,37 @@ class _TrainStream(IterableDataset):
             yield {_ERROR: str(e)}
 
     def _batches(self, wid: int, nw: int) -> Iterator[dict]:
-        for j, samples, skipped in self.plan(wid, nw):
-            yield self.decode(j, samples, skipped)
+        for j, samples, skips in self.plan(wid, nw):
+            yield self.decode(j, samples, skips)
 
-    def plan(self, wid: int, nw: int) -> Iterator[tuple[int, list[RawSample], int]]:
-        """(j, raw samples, skipped) for the micro-batches j this worker makes (no decoding)."""
-        skip_mode = self.d.on_corrupt == "skip"
+    def plan(self, wid: int, nw: int) -> Iterator[tuple[int, list[RawSample], list[Skip]]]:
+        """(j, raw samples, skips) for the micro-batches j this worker makes (no decoding)."""
         stream = self._raw()
         bad_run, n_samples = 0, self.index.num_samples
         first = self.start + wid
         last = first + (self.total - 1 - first) // nw * nw if first < self.total else -1
         for j in range(last + 1):
             mine = j >= self.start and (j - self.start) % nw == wid
-            samples, skipped = [], 0
+            samples, skips = [], []
             while len(samples) < self.batch:
                 raw = next(stream)
                 if raw.error is not None:
-                    if not skip_mode:
-                        raise DataError(raw.error)
+                    skip = self.skips.decide(raw.key, raw.error)  # raises under data.on_corrupt=error
                     bad_run += 1
                     if bad_run > n_samples:
                         raise DataError(f"split '{self.index.split}': no usable sample in {n_samples} "
                                         f"consecutive samples (last: {raw.error})")
                     if mine:
-                        skipped += 1
-                        log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", raw.error)
+                        skips.append(skip)
                     continue
                 bad_run = 0
                 samples.append(raw)
             if not mine:
                 continue
-            yield j, samples, skipped
+            yield j, samples, skips
 
-    def decode(self, j: int, samples: list[RawSample], skipped: int) -> dict:
+    def decode(self, j: int, samples: list[RawSample], skips: list[Skip]) -> dict:
         """Micro-batch j from its raw samples (a corrupt one is refilled from the batch in skip mode)."""
-        skip_mode = self.d.on_corrupt == "skip"
         crop = self.d.crop_size
         b = len(samples)
         image = _batch_tensor((b, 3, crop, crop))
@@ -158,10 +154,7 @@ class _TrainStream(IterableDataset):
                               self.d.resize)
                 ok[i] = True
             except DataError as e:
-                if not skip_mode:
-                    raise
-                skipped += 1
-                log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", e)
+                skips = [*skips, self.skips.decide(raw.key, str(e))]  # raises under data.on_corrupt=error
         keys = [s.key for s in samples]
         labels = [s.labels for s in samples]
         if not all(ok):
@@ -177,7 +170,7 @@ class _TrainStream(IterableDataset):
                     image[i] = image[g]
                     keys[i], labels[i] = keys[g], labels[g]
         return {"image": image, "labels": torch.stack([_labels_vec(l) for l in labels]), "key": keys,
-                "skipped": skipped}
+                "skips": skips, "skipped": len(skips)}
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -238,12 +231,14 @@ def _run(dataset: IterableDataset, num_workers: int, kind: str = "process") -> I
             shutdown()
 
 
-def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0,
+                  skips: SkipPolicy | None = None) -> Iterator[dict]:
     """This rank's micro-batches of one epoch, from micro-batch `start_batch` on (see module doc).
 
     Yields exactly steps_per_epoch(cfg) * train.grad_accum - start_batch dicts: `image` uint8
-    (B,3,S,S), `labels` float32 (B,20), `key` list[str], `skipped` int (corrupt samples skipped
-    while making this batch; only with data.on_corrupt = skip).
+    (B,3,S,S), `labels` float32 (B,20), `key` list[str], `skips` the corrupt samples skipped while
+    making this batch (only with data.on_corrupt = skip; recorded into `skips` when given) and
+    `skipped` their number.
     """
     if not 0 <= rank < world:
         raise VweError(f"rank {rank} outside world size {world}")
@@ -260,12 +255,11 @@ def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0) 
         n = len(idx.shards)
         first_cycle = itertools.islice(_shard_order(n, cfg.train.seed, epoch, rank, world), -(-n // world))
         remember_members(idx, [idx.shards[i] for i in first_cycle])
-    skipped = 0
+    policy = skips if skips is not None else SkipPolicy.from_config(cfg)
     for batch in _run(ds, workers, cfg.data.worker_kind):
-        skipped += batch["skipped"]
+        for skip in batch["skips"]:
+            policy.record(skip)
         yield batch
-    if skipped:
-        log.warning("epoch %d, rank %d: %d corrupt samples skipped (data.on_corrupt=skip)", epoch, rank, skipped)
 
 
 class _InferStream(IterableDataset):
@@ -276,7 +270,7 @@ class _InferStream(IterableDataset):
         self.flip = cfg.infer.flip
         self.resize = cfg.data.resize
         self.verify = cfg.data.verify_shards
-        self.skip_mode = cfg.data.on_corrupt == "skip"
+        self.skips = SkipPolicy.from_config(cfg, what="image")
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -300,17 +294,14 @@ class _InferStream(IterableDataset):
                     yield (raw,)
                 pos += 1
 
-    def decode(self, raw: RawSample) -> dict | None:
-        """The sample's tensors; None when it is corrupt and data.on_corrupt is skip (logged)."""
+    def decode(self, raw: RawSample) -> dict | Skip:
+        """The sample's tensors; a Skip when it is corrupt and data.on_corrupt is skip."""
         try:
             if raw.error is not None:
                 raise DataError(raw.error)
             return self._decode(raw)
         except DataError as e:
-            if not self.skip_mode:
-                raise
-            log.warning("skipped corrupt sample (data.on_corrupt=skip): %s", e)
-            return None
+            return self.skips.decide(raw.key, str(e))  # raises under data.on_corrupt=error
 
     def _decode(self, raw: RawSample) -> dict:
         where = f"shard {raw.shard}, sample {raw.key!r}"
@@ -338,14 +329,15 @@ def infer_ranges(n: int, world: int) -> list[tuple[int, int]]:
 
 
 def infer_samples(cfg, rank: int, world: int, split: str | None = None, with_scales: bool = True,
-                  with_image: bool = True) -> Iterator[dict]:
+                  with_image: bool = True, skips: SkipPolicy | None = None) -> Iterator[dict]:
     """Every sample of `split` (default data.infer_split) exactly once over all ranks.
 
     Dicts: `key` str, `size` (H, W), `image` uint8 (3,H,W) (unless with_image is false: evaluation needs
     only masks, and the JPEG is then not decoded), `labels` float32 (20,), `mask` uint8 (H,W) or None,
     `scales` (with_scales) a list, one per infer.scales, of uint8 (2,3,h,w): the resized image and its
-    horizontal flip ((1,3,h,w) when infer.flip is false), `skipped` int (corrupt samples skipped just
-    before this one; only with data.on_corrupt = skip).
+    horizontal flip ((1,3,h,w) when infer.flip is false), `skips` the corrupt samples skipped just
+    before this one (only with data.on_corrupt = skip; recorded into `skips` when given, as are the
+    ones after the last sample) and `skipped` their number.
     """
     if not 0 <= rank < world:
         raise VweError(f"rank {rank} outside world size {world}")
@@ -354,19 +346,28 @@ def infer_samples(cfg, rank: int, world: int, split: str | None = None, with_sca
     ds = _InferStream(cfg, idx, lo, hi, with_scales, with_image)
     workers = min(cfg.infer.num_workers, max(hi - lo, 1)) if hi > lo else 0
     if workers and cfg.data.worker_kind == "thread":
-        yield from _count_skips(_threaded(ds.plan(0, 1), ds.decode, workers))
+        items = _count_skips(_threaded(ds.plan(0, 1), ds.decode, workers))
     else:
-        yield from _run(ds, workers)
+        items = _run(ds, workers)
+    for item in items:
+        for skip in item["skips"]:
+            if skips is not None:
+                skips.record(skip)
+        if _SKIPS_ONLY not in item:
+            yield item
 
 
-def _count_skips(samples: Iterator[dict | None]) -> Iterator[dict]:
-    """Drop skipped (None) samples, reporting how many went before each kept one in its `skipped`."""
-    skipped = 0
+_SKIPS_ONLY = "__skips_only__"  # carries the skips after a loader's last sample
+
+
+def _count_skips(samples: Iterator[dict | Skip]) -> Iterator[dict]:
+    """Drop skipped samples, attaching the Skips that went before each kept one as its `skips`."""
+    pending: list[Skip] = []
     for s in samples:
-        if s is None:
-            skipped += 1
+        if isinstance(s, Skip):
+            pending.append(s)
             continue
-        yield {**s, "skipped": skipped}
-        skipped = 0
-    if skipped:
-        log.warning("%d corrupt samples skipped at the end of this loader's range", skipped)
+        yield {**s, "skips": pending, "skipped": len(pending)}
+        pending = []
+    if pending:
+        yield {_SKIPS_ONLY: True, "skips": pending}
