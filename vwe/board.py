@@ -43,6 +43,8 @@ def log_evaluation(cfg: Config, report: dict, cam_dir: Path) -> None:
 def _pictures(cfg: Config, cam_dir: Path) -> list[tuple[str, np.ndarray]]:
     """Picture rows (image, ground truth, CAMs, prediction) of the first images that have a CAM."""
     from vwe.cam_io import read_cam
+    from vwe.errors import DataError
+    from vwe.metrics import mask_value_problem
     from vwe.data.loader import infer_samples
     from vwe.visualize import picture_row
     rows = []
@@ -52,9 +54,14 @@ def _pictures(cfg: Config, cam_dir: Path) -> list[tuple[str, np.ndarray]]:
             path = cam_dir / f"{sample['key']}.npz"
             if not path.is_file():
                 continue
-            rec = read_cam(path, cfg.model.num_classes)
-            image = sample["image"].permute(1, 2, 0).numpy()
             mask = sample["mask"].numpy() if sample["mask"] is not None else None
+            if mask is not None and mask_value_problem(mask, cfg.model.num_classes + 1):
+                continue  # evaluation skipped or refused it; not a picture to show
+            try:
+                rec = read_cam(path, cfg.model.num_classes)
+            except DataError:
+                continue
+            image = sample["image"].permute(1, 2, 0).numpy()
             rows.append((sample["key"], np.asarray(picture_row(image, mask, rec.keys, rec.high_res, cfg.eval.bkg,
                                                                 sample["key"]))))
             if len(rows) == PICTURES:

@@ -233,6 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         except VweError as e:
             print(f"vwe {args.command}: error: {e}", file=sys.stderr)
             return 2
+        finally:
+            _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before exit: left to interpreter shutdown, its threads can abort the
+    process ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # Commands whose output is kept as <run_dir>/<command>.log (docs/training.md, "Seeing it run").
