@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from vwe.config import Config
-from vwe.metrics import SHORT_NAMES
+from vwe.miou import SHORT_NAMES
 
 PICTURES = 4  # images shown per evaluation
 
@@ -44,7 +44,7 @@ def _pictures(cfg: Config, cam_dir: Path) -> list[tuple[str, np.ndarray]]:
     """Picture rows (image, ground truth, CAMs, prediction) of the first images that have a CAM."""
     from vwe.cam_io import read_cam
     from vwe.errors import DataError
-    from vwe.metrics import mask_value_problem
+    from vwe.miou import mask_value_problem
     from vwe.data.loader import infer_samples
     from vwe.visualize import picture_row
     rows = []

@@ -23,7 +23,7 @@ from vwe.data.shards import load_index
 from vwe.dist import all_reduce_sum, distributed_state, gather_objects
 from vwe.errors import CheckpointError, DataError
 from vwe.io import atomic_write, file_sha256
-from vwe.metrics import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
+from vwe.miou import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
                          mask_value_problem, mean_iou, pixel_accuracy, sweep_histogram, sweep_thresholds)
 from vwe.skips import SkipPolicy, unseen_after
 

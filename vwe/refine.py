@@ -24,7 +24,7 @@ from vwe.data.voc import voc_palette
 from vwe.dist import all_reduce_sum, distributed_state, gather_objects
 from vwe.errors import DataError, VweError
 from vwe.io import atomic_write, file_sha256
-from vwe.metrics import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
+from vwe.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
     pixel_accuracy
 from vwe.skips import SkipPolicy
 
