@@ -13,6 +13,8 @@ def test_tensorboard_has_losses_config_miou_and_pictures(synthetic_shards, tmp_p
     run_vwe("train", *common, "train.max_steps=3", "train.checkpoint_every=0")
     run_vwe("infer", *common)
     run_vwe("evaluate", *common, "--sweep")
+    import json
+    assert json.loads((run / "eval" / "report.json").read_text())["infer_mixed_precision"] == ["no"]
     events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()

@@ -70,6 +70,7 @@ def test_two_process_run_learns_and_ranks_agree(synthetic_shards, tmp_path):
     assert s["batches_per_rank"] == [16, 16]
     assert s["replicas_identical"] is True
     assert s["steps"] == 16
+    assert s["data_cpu_ms_per_image"] > 0 and s["mixed_precision_setting"] == "auto"
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [l["loss/loss"] for l in lines]
     assert len(losses) == 16

@@ -149,6 +149,7 @@ def evaluate(cfg: Config, sweep: bool = False) -> int:
     report = _report(cfg, confs, thresholds, bkg, missing, weights, sum(p["scored"] for p in parts),
                      time.perf_counter() - start, state.num_processes)
     report.update(split_size=sum(p["range"] for p in parts), skipped=skips.report(), cams=str(cam_dir),
+                  infer_mixed_precision=_inference_precision(cam_dir),
                   weights_matched=expected is not None, weights=str(expected[0]) if expected else None)
     out = Path(cfg.output.run_dir) / "eval"
     atomic_write(out / "report.json", json.dumps(report, indent=2), "evaluation report")
@@ -162,6 +163,17 @@ def evaluate(cfg: Config, sweep: bool = False) -> int:
     print(text + f"\nreport: {out / 'report.json'}\ntable:  {out / 'table.md'}")
     log_evaluation(cfg, report, cam_dir)
     return 0
+
+
+def _inference_precision(cam_dir: Path) -> list[str]:
+    """The precision(s) the CAMs were computed in, as inference's manifests record them."""
+    found = set()
+    for path in cam_dir.glob("manifest-rank*.json"):
+        try:
+            found.add(json.loads(path.read_text()).get("mixed_precision") or "unknown")
+        except (OSError, ValueError, AttributeError):
+            found.add("unknown")
+    return sorted(found)
 
 
 def _coverage(report: dict, skips: SkipPolicy) -> str:

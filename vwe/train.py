@@ -61,6 +61,7 @@ class Trainer:
             self.logger.print(f"resumed from {resumed.path} at step {self.state.step} (epoch {self.state.epoch})")
         self.skips = SkipPolicy.from_config(cfg)  # corrupt samples this rank skipped (data.on_corrupt)
         self._epoch_skips = 0  # all ranks' skipped samples this epoch
+        self._data_cpu_s = 0.0  # this rank's loader CPU time (decode + augmentation) this launch
         self.preempt = PreemptionFlag().install()
         self._closers.append(self.preempt.restore)
 
@@ -73,6 +74,7 @@ class Trainer:
                 s.micro += 1
                 s.samples += len(batch["key"]) * parts.accelerator.num_processes
                 self.logger.add(losses)
+                self._data_cpu_s += batch.get("cpu_s", 0.0)
                 if not parts.accelerator.sync_gradients:
                     continue
                 s.step += 1
@@ -122,8 +124,12 @@ class Trainer:
         self.state.epoch, self.state.micro, self._epoch_skips = self.state.epoch + 1, 0, 0
 
     def _summary(self, fields: dict) -> None:
-        replicas = gather_objects({"batches": self.logger.window.total_micro,
+        replicas = gather_objects({"batches": self.logger.window.total_micro, "data_cpu_s": self._data_cpu_s,
                                    "weights_digest": weights_digest(self.parts.net)})
+        images = self.logger.window.total_micro * self.parts.micro_batch * len(replicas)
+        # CPU time the data pipeline spends per image, to compare with the step time per image
+        fields["data_cpu_ms_per_image"] = round(1000 * sum(r["data_cpu_s"] for r in replicas) / images, 3) \
+            if images else None
         self.skips.merge(gather_objects(self.skips.state()))
         fields.update({"batches_per_rank": [r["batches"] for r in replicas],
                        "replicas_identical": len({r["weights_digest"] for r in replicas}) == 1,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import signal
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -143,6 +144,7 @@ class _TrainStream(IterableDataset):
 
     def decode(self, j: int, samples: list[RawSample], skips: list[Skip]) -> dict:
         """Micro-batch j from its raw samples (a corrupt one is refilled from the batch in skip mode)."""
+        cpu_start = time.thread_time()  # this worker's CPU time for the batch: decode + augmentation
         crop = self.d.crop_size
         b = len(samples)
         image = _batch_tensor((b, 3, crop, crop))
@@ -170,7 +172,7 @@ class _TrainStream(IterableDataset):
                     image[i] = image[g]
                     keys[i], labels[i] = keys[g], labels[g]
         return {"image": image, "labels": torch.stack([_labels_vec(l) for l in labels]), "key": keys,
-                "skips": skips, "skipped": len(skips)}
+                "skips": skips, "skipped": len(skips), "cpu_s": time.thread_time() - cpu_start}
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
