@@ -83,6 +83,14 @@ def read_cam(path: Path, num_classes: int = 20) -> CamRecord:
     return rec
 
 
+def read_cam_for(path: Path, size: tuple[int, int], against: str = "image", num_classes: int = 20) -> CamRecord:
+    """read_cam, with the CAM's size checked against its image's (or mask's); DataError naming the file."""
+    rec = read_cam(path, num_classes)
+    if rec.high_res.shape[1:] != tuple(size):
+        raise DataError(f"CAM file {path}: size {rec.high_res.shape[1:]} differs from its {against} {tuple(size)}")
+    return rec
+
+
 def legacy_item(rec: CamRecord) -> dict:
     """The seed/IRNet per-image dict: `keys` NumPy int64, `cam` a torch float32 tensor (IRNet's label step
     calls `.cuda()` on it), `high_res` NumPy float32."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vwe.board import log_evaluation
-from vwe.cam_io import cam_dir_for, read_cam
+from vwe.cam_io import cam_dir_for, read_cam_for
 from vwe.config import Config
 from vwe.data.loader import infer_ranges, infer_samples
 from vwe.data.shards import load_index
@@ -80,12 +80,9 @@ def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: n
             missing.append(key)
             continue
         try:
-            rec = read_cam(path, num_classes=NUM_LABELS - 1)
+            rec = read_cam_for(path, gt.shape, "mask", num_classes=NUM_LABELS - 1)
         except DataError as e:
             bad.append(str(e))
-            continue
-        if rec.high_res.shape[1:] != gt.shape:
-            bad.append(f"CAM file {path}: size {rec.high_res.shape[1:]} differs from its mask {gt.shape}")
             continue
         by_weights[rec.weights_sha256].append(key)
         hist += sweep_histogram(rec.high_res, rec.keys, gt, thresholds, NUM_LABELS)

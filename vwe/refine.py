@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from vwe.cam_io import cam_dir_for, read_cam
+from vwe.cam_io import cam_dir_for, read_cam_for
 from vwe.config import Config, RefineConfig
 from vwe.data.loader import infer_samples
 from vwe.data.voc import voc_palette
@@ -126,7 +126,7 @@ def _refine_part(cfg: Config, rank: int, world: int, cam_dir: Path, out_dir: Pat
     base = np.zeros_like(conf)  # the threshold labels at the same bkg: what the CRF changed
     counts = {"written": 0, "already_done": 0, "stale_replaced": 0, "no_mask": 0, "corrupt_skipped": 0}
     problems: list[str] = []
-    by_checkpoint: dict[str, list[str]] = defaultdict(list)
+    by_weights: dict[str, list[str]] = defaultdict(list)
     written: list[str] = []
     skips = SkipPolicy.from_config(cfg, what="image")
     for sample in infer_samples(cfg, rank, world, with_scales=False, with_image=rc.method == "crf", skips=skips):
@@ -136,15 +136,11 @@ def _refine_part(cfg: Config, rank: int, world: int, cam_dir: Path, out_dir: Pat
             problems.append(f"CAM file {cam_path}: not found (image {key!r} of split '{cfg.data.infer_split}')")
             continue
         try:
-            rec = read_cam(cam_path, num_classes=NUM_LABELS - 1)
+            rec = read_cam_for(cam_path, sample["size"], num_classes=NUM_LABELS - 1)
         except DataError as e:
             problems.append(str(e))
             continue
-        if rec.high_res.shape[1:] != tuple(sample["size"]):
-            problems.append(f"CAM file {cam_path}: size {rec.high_res.shape[1:]} differs from its image "
-                            f"{tuple(sample['size'])}")
-            continue
-        by_checkpoint[rec.checkpoint].append(key)
+        by_weights[rec.weights_sha256].append(key)
         if problems:
             continue  # the run fails: only check the rest, so the error lists every bad file
         source = json.dumps({"cam_sha256": file_sha256(cam_path), **fingerprint}, sort_keys=True)
@@ -174,25 +170,25 @@ def _refine_part(cfg: Config, rank: int, world: int, cam_dir: Path, out_dir: Pat
         base += confusion_matrix(threshold_labels(rec.high_res, rec.keys, rc.bkg), gt, NUM_LABELS)
     counts["corrupt_skipped"] = skips.total
     return {"conf": conf, "base": base, "counts": counts, "problems": problems,
-            "by_checkpoint": dict(by_checkpoint), "written": written}
+            "by_weights": dict(by_weights), "written": written}
 
 
 def _check(parts: list[dict], cam_dir: Path, limit: int) -> str:
-    """Raise DataError listing every bad CAM, or for CAMs of several checkpoints; returns the checkpoint."""
+    """Raise DataError listing every bad CAM, or for CAMs of several weights; returns their SHA-256."""
     problems = [p for part in parts for p in part["problems"]]
     if problems:
         raise DataError(f"{len(problems)} CAM problem(s) in {cam_dir}:\n  " + "\n  ".join(problems[:limit]) +
                         (f"\n  ... ({len(problems) - limit} more)" if len(problems) > limit else ""))
-    by_ckpt: dict[str, list[str]] = defaultdict(list)
+    by_weights: dict[str, list[str]] = defaultdict(list)
     for part in parts:
-        for ckpt, ids in part["by_checkpoint"].items():
-            by_ckpt[ckpt].extend(ids)
-    if len(by_ckpt) > 1:
-        lines = [f"checkpoint {c[:12]}: {len(ids)} CAMs, e.g. {', '.join(sorted(ids)[:5])}"
-                 for c, ids in by_ckpt.items()]
-        raise DataError(f"CAMs in {cam_dir} come from {len(by_ckpt)} different checkpoints; delete the stale "
-                        f"ones and re-run inference:\n  " + "\n  ".join(lines))
-    return next(iter(by_ckpt), "")
+        for sha, ids in part["by_weights"].items():
+            by_weights[sha].extend(ids)
+    if len(by_weights) > 1:
+        lines = [f"weights {sha[:12]}: {len(ids)} CAMs, e.g. {', '.join(sorted(ids)[:5])}"
+                 for sha, ids in by_weights.items()]
+        raise DataError(f"CAMs in {cam_dir} come from {len(by_weights)} different weights files; rerun "
+                        f"`vwe infer` (it replaces CAMs of other weights):\n  " + "\n  ".join(lines))
+    return next(iter(by_weights), "")
 
 
 def _scores(conf: np.ndarray) -> dict:
@@ -220,26 +216,26 @@ def refine(cfg: Config) -> int:
     part = _refine_part(cfg, rank, world, cam_dir, out_dir)
     conf, base = all_reduce_sum(part.pop("conf")), all_reduce_sum(part.pop("base"))
     parts = gather_objects(part)
-    checkpoint = _check(parts, cam_dir, cfg.eval.max_listed)
+    weights_sha256 = _check(parts, cam_dir, cfg.eval.max_listed)
     seconds = time.perf_counter() - start
     manifest = {"rank": rank, "world": world, "split": cfg.data.infer_split, "cam_dir": str(cam_dir),
-                "checkpoint": checkpoint, "settings": settings(rc), "seconds": round(seconds, 3),
+                "weights_sha256": weights_sha256, "settings": settings(rc), "seconds": round(seconds, 3),
                 **part["counts"], "ids": sorted(part["written"])}
     atomic_write(out_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), "refine manifest")
     if state.is_main_process:
-        _report(cfg, conf, base, parts, cam_dir, out_dir, checkpoint, seconds, world)
+        _report(cfg, conf, base, parts, cam_dir, out_dir, weights_sha256, seconds, world)
     state.wait_for_everyone()
     return 0
 
 
 def _report(cfg: Config, conf: np.ndarray, base: np.ndarray, parts: list[dict], cam_dir: Path, out_dir: Path,
-            checkpoint: str, seconds: float, world: int) -> None:
+            weights_sha256: str, seconds: float, world: int) -> None:
     rc = cfg.refine
     totals = {k: sum(p["counts"][k] for p in parts) for k in parts[0]["counts"]}
     num_images = totals["written"] + totals["already_done"]
     scored = num_images - totals["no_mask"]
     report = {"split": cfg.data.infer_split, "settings": settings(rc), "cam_dir": str(cam_dir),
-              "out_dir": str(out_dir), "checkpoint": checkpoint, "num_images": num_images, "scored": scored,
+              "out_dir": str(out_dir), "weights_sha256": weights_sha256, "num_images": num_images, "scored": scored,
               **totals, "processes": world, "seconds": round(seconds, 3)}
     name = "CRF" if rc.method == "crf" else "threshold"
     text = (f"Pseudo labels ({name}, bkg={rc.bkg}) for '{cfg.data.infer_split}': {num_images} images "
