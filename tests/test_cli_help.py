@@ -36,7 +36,7 @@ def test_config_show_is_the_resolved_config_and_loads_back(tmp_path):
     out = run_vwe("config", "show", "--config", str(REPO / "configs" / "demo.yaml"), "train.lr=0.125",
                   "data.long_side=[64, 96]").stdout
     assert "  lr: 0.125" in out and "# backbone learning rate" in out
-    assert "mixed_precision: 'no'" in out and "[no | fp16 | bf16]" in out
+    assert "mixed_precision: auto" in out and "[auto | no | fp16 | bf16]" in out and "dtype: float32" in out
     shown = tmp_path / "shown.yaml"
     shown.write_text(out)
     expected = load_config(REPO / "configs" / "demo.yaml", ["train.lr=0.125", "data.long_side=[64, 96]"])
