@@ -17,13 +17,13 @@ def test_bench_data_writes_figures(tmp_path, repo):
     assert "images/s" in proc.stdout
     figures = json.loads(out.read_text())
     assert figures["workers"] == 1 and figures["images"] == 48
-    for k in ("decode_only_1proc_images_per_s", "pipeline_images_per_s", "reader_2021_images_per_s",
-              "pipeline_cpu_ms_per_image", "decode_only_workers_images_per_s",
-              "pipeline_threads_images_per_s"):
+    for k in ("decode_only_1proc_images_per_s", "loader_processes_images_per_s", "reader_2021_images_per_s",
+              "loader_processes_cpu_ms_per_image", "decode_only_workers_images_per_s",
+              "loader_threads_images_per_s"):
         assert figures[k] > 0
     # the default resize reproduces PIL's bicubic (the published code's); bilinear does not
     assert figures["resize_bicubic_vs_pil_bicubic_mean_abs"] < 0.05
     assert figures["resize_bilinear_vs_pil_bicubic_mean_abs"] > 0.2
     assert "resize vs PIL BICUBIC" in proc.stdout
-    best = max(figures["pipeline_images_per_s"], figures["pipeline_threads_images_per_s"])
-    assert abs(figures["pipeline_over_2021"] - best / figures["reader_2021_images_per_s"]) < 0.01
+    best = max(figures["loader_processes_images_per_s"], figures["loader_threads_images_per_s"])
+    assert abs(figures["loader_over_2021"] - best / figures["reader_2021_images_per_s"]) < 0.01

@@ -1,4 +1,4 @@
-"""`vwe bench data`: images/s of the training pipeline, of JPEG decoding alone, and of a 2021-style reader;
+"""`vwe bench data`: images/s of the training loader, of JPEG decoding alone, and of a 2021-style reader;
 and how each `data.resize` mode compares with PIL's bicubic resize (accuracy and speed).
 
 All three work on the same images: the first samples of the training split's shards. The 2021-style
@@ -41,7 +41,7 @@ def _first_jpegs(cfg, n: int) -> list[tuple[str, bytes]]:
 
 def decode_only_rate(jpegs: list[bytes], min_seconds: float = 1.0) -> tuple[float, int]:
     """(full-resolution RGB decodes per second in this process, decodes done): the floor of any
-    JPEG pipeline."""
+    JPEG loader."""
     n, t0 = 0, time.perf_counter()
     while True:
         for data in jpegs:
@@ -214,8 +214,8 @@ def run(cfg, args) -> int:
             keep("decode_only_1proc", (decode, 1000.0 * (time.process_time() - c0) / n))
             keep("decode_only_workers", _loader_rate(
                 DataLoader(_DecodeOnly(jpegs * reps), batch_size=batch, num_workers=workers), steps))
-            keep("pipeline", _loader_rate(train_batches(cfg, 0, 1, 0), steps))
-            keep("pipeline_threads", _loader_rate(train_batches(_with(cfg, worker_kind="thread"), 0, 1, 0), steps))
+            keep("loader_processes", _loader_rate(train_batches(cfg, 0, 1, 0), steps))
+            keep("loader_threads", _loader_rate(train_batches(_with(cfg, worker_kind="thread"), 0, 1, 0), steps))
             ds = Reader2021(files * reps, tuple(cfg.data.long_side), cfg.data.crop_size)
             keep("reader_2021", _loader_rate(
                 DataLoader(ds, batch_size=batch, num_workers=workers, shuffle=False, drop_last=True),
@@ -223,28 +223,28 @@ def run(cfg, args) -> int:
     decode = res["decode_only_1proc"][0]
     labels = {"decode_only_1proc": "decode only (PIL, 1 process)",
               "decode_only_workers": f"decode only (PIL, {workers} workers)",
-              "pipeline": f"vwe pipeline ({workers} worker processes)",
-              "pipeline_threads": f"vwe pipeline ({workers} worker threads)",
+              "loader_processes": f"vwe loader ({workers} worker processes)",
+              "loader_threads": f"vwe loader ({workers} worker threads)",
               "reader_2021": f"2021-style per-file reader ({workers} workers)"}
     for k, (rate, cpu) in res.items():
         cpu_text = f"{cpu:6.2f} CPU-ms/image"
         print(f"  {labels[k]:<44} {rate:8.1f} images/s  {cpu_text}")
-    pipe, pipe_cpu = max(res["pipeline"], res["pipeline_threads"])
+    pipe, pipe_cpu = max(res["loader_processes"], res["loader_threads"])
     base, base_cpu = res["reader_2021"]
     figures = {"workers": workers, "batch": batch, "crop_size": cfg.data.crop_size,
                "long_side": list(cfg.data.long_side), "images": len(jpegs), "cpus": os.cpu_count(),
                "load_average": round(os.getloadavg()[0], 2),
                **{f"{k}_images_per_s": round(v[0], 1) for k, v in res.items()},
                **{f"{k}_cpu_ms_per_image": round(v[1], 3) for k, v in res.items()},
-               "pipeline_best": "threads" if res["pipeline_threads"][0] > res["pipeline"][0] else "processes",
-               "pipeline_over_decode_1proc": round(pipe / decode, 3),
-               "pipeline_over_decode_workers": round(pipe / res["decode_only_workers"][0], 3),
-               "pipeline_over_2021": round(pipe / base, 3),
-               "pipeline_over_2021_cpu": round(base_cpu / pipe_cpu, 3)}
-    print(f"  best pipeline ({figures['pipeline_best']}) / decode-only: "
-          f"{figures['pipeline_over_decode_1proc']:.2f} (1 process), "
-          f"{figures['pipeline_over_decode_workers']:.2f} ({workers} workers);  pipeline / 2021 reader: "
-          f"{figures['pipeline_over_2021']:.2f} (images/s), {figures['pipeline_over_2021_cpu']:.2f} (CPU per image)")
+               "loader_best": "threads" if res["loader_threads"][0] > res["loader_processes"][0] else "processes",
+               "loader_over_decode_1proc": round(pipe / decode, 3),
+               "loader_over_decode_workers": round(pipe / res["decode_only_workers"][0], 3),
+               "loader_over_2021": round(pipe / base, 3),
+               "loader_over_2021_cpu": round(base_cpu / pipe_cpu, 3)}
+    print(f"  best loader ({figures['loader_best']}) / decode-only: "
+          f"{figures['loader_over_decode_1proc']:.2f} (1 process), "
+          f"{figures['loader_over_decode_workers']:.2f} ({workers} workers);  loader / 2021 reader: "
+          f"{figures['loader_over_2021']:.2f} (images/s), {figures['loader_over_2021_cpu']:.2f} (CPU per image)")
     targets = [("long", v) for v in cfg.data.long_side] + [("scale", f) for f in cfg.infer.scales if f != 1.0]
     figures.update(resize_figures([d for _, d in jpegs[:32]], targets))
     print(f"  resize vs PIL BICUBIC ({min(32, len(jpegs))} images; long side {list(cfg.data.long_side)}, "

@@ -1,6 +1,6 @@
 """`vwe bench suite --out DIR`: every benchmark in one command, on whatever machine it runs.
 
-Runs, each in its own process: the data pipeline; training in fp32 and in `auto` precision; gradient
+Runs, each in its own process: the data loader; training in fp32 and in `auto` precision; gradient
 checkpointing off/on; CAM inference in fp32 and in `auto` precision (with MFU); evaluation; and real
 `vwe train` runs with 1 and 2 processes at the same global batch (the cost of distribution). Writes
 `benchmarks.json` and `benchmarks.md`: a table headed by the machine (CPU model, cores, native bf16,
@@ -155,7 +155,7 @@ def render(r: dict) -> str:
     d = r["data"]
     for key, value in d.items():
         if key.endswith("img_s") or key.endswith("_per_s"):
-            lines.append(f"| data pipeline | {key} | {value} |")
+            lines.append(f"| data loader | {key} | {value} |")
     for name in ("train_fp32", "train_auto"):
         for v in r[name]["variants"]:
             lines.append(f"| training ({name.split('_')[1]}) | {v['mixed_precision']}, "
