@@ -99,13 +99,13 @@ def run_suite(cfg: Config, out: Path, steps: int, quick: bool = False) -> dict:
                 f"data.infer_split={split}"]
         results: dict = {"machine": machine(), "config": cfg.to_dict(), "steps": steps}
 
-        def bench(name: str, what: str, *extra: str) -> None:
+        def bench(name: str, what: str, *extra: str, n: int = steps) -> None:
             path = out / f"{name}.json"
             print(f"bench suite: {name} ...", file=sys.stderr, flush=True)
-            _vwe(["bench", what, *base, "--steps", str(steps), "--json", str(path), *extra], log, 3600)
+            _vwe(["bench", what, *base, "--steps", str(n), "--json", str(path), *extra], log, 3600)
             results[name] = json.loads(path.read_text())
 
-        bench("data", "data")
+        bench("data", "data", n=max(steps, 4) if quick else max(steps, 24))  # loader batches: cheap, noisy
         bench("train_fp32", "train", "train.mixed_precision=no")
         bench("train_auto", "train", "train.mixed_precision=auto")
         if not quick:
@@ -131,7 +131,8 @@ def _distribution(cfg_path: Path, root: str, split: str, steps: int, out: Path, 
         run = out / f"dist{n}"
         _launch(n, ["train", "--config", str(cfg_path), f"data.root={root}", f"data.train_split={split}",
                     f"output.run_dir={run}", f"train.max_steps={steps + 2}", "train.checkpoint_every=0",
-                    "train.resume=none", "output.tensorboard=false", "train.log_every=1"], log, 3600)
+                    "train.resume=none", "output.tensorboard=false", "train.log_every=1",
+                    "train.lr=0"], log, 3600)  # timing only: random weights need not learn (or diverge)
         # per-step rates after the first step (start-up and warm-up left out), median
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
         per_step = sorted(rec["images_per_s"] for rec in records)

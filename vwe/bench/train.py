@@ -166,14 +166,17 @@ def peak_tflops(device: torch.device, mixed_precision: str) -> float:
                 return table[mixed_precision]
         return 0.0  # unknown GPU: MFU not reported
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-    n = 1024
+    n = 2048
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 1.0:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+    best = 0.0
+    for _ in range(3):  # the best of three rounds: other load only ever lowers a round's rate
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
+    return best
 
 
 def measure_in_subprocess(cfg: Config, variant: str, steps: int, warmup: int) -> TrainFigures:

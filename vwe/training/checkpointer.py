@@ -153,8 +153,9 @@ class Checkpointer:
     def diverged(self, state: TrainState, detail: str) -> NonFinite:
         """A non-finite loss at this step: move aside the checkpoint whose weights produced it."""
         collective_call(lambda: quarantine_diverged(self.run_dir, state.step), main_only=True)
+        last_good = self._last_good()
         return NonFinite(f"non-finite loss at step {state.step} (epoch {state.epoch}; {detail}); "
-                         f"{self._last_good().replace('The last', 'the last')}")
+                         f"{last_good[0].lower()}{last_good[1:]}")
 
     def finish(self, state: TrainState) -> dict:
         """The final checkpoint (unless this step's exists) and the exported weights; returns summary fields."""
