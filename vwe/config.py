@@ -43,9 +43,9 @@ class DataConfig:
     resize: str = _opt("bicubic", choices=("bicubic", "bilinear"),
                        doc="image resize (training and every inference scale), antialiased; bicubic = PIL's, as published")
     num_workers: int = _opt(2, min=0, doc="loader workers per rank (training; inference uses infer.num_workers)")
-    worker_kind: str = _opt("thread", choices=("thread", "process"),
-                            doc="loader workers as threads of the rank's process (measured faster) or as "
-                                "DataLoader processes")
+    worker_kind: str = _opt("process", choices=("process", "thread"),
+                            doc="loader workers as DataLoader processes, or as threads of the rank's process "
+                                "(measured faster; docs/data.md)")
     shuffle_buffer: int = _opt(1000, min=0, doc="samples held for shuffling in the training stream")
     on_corrupt: str = _opt("error", choices=("error", "skip"), doc="corrupt sample: stop, or count and skip")
     verify_shards: bool = _opt(True, doc="check each shard's SHA-256 against its index before use")

@@ -11,3 +11,9 @@ class DataError(VweError):
 
 class CheckpointError(VweError):
     """A checkpoint or weights file is missing, incomplete or of another model shape."""
+
+
+def problem_list(head: str, problems: list[str], limit: int) -> str:
+    """`head`, then the first `limit` problems one per line, then how many more there are."""
+    more = f"\n  ... ({len(problems) - limit} more)" if len(problems) > limit else ""
+    return f"{head}:\n  " + "\n  ".join(problems[:limit]) + more

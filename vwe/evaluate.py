@@ -21,7 +21,7 @@ from vwe.config import Config
 from vwe.data.loader import infer_ranges, infer_samples
 from vwe.data.shards import load_index
 from vwe.dist import all_reduce_sum, distributed_state, gather_objects
-from vwe.errors import CheckpointError, DataError
+from vwe.errors import CheckpointError, DataError, problem_list
 from vwe.io import atomic_write, file_sha256
 from vwe.miou import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
                          mask_value_problem, mean_iou, pixel_accuracy, sweep_histogram, sweep_thresholds)
@@ -96,9 +96,8 @@ def _check_complete(parts: list[dict], cfg: Config, cam_dir: Path,
     limit = cfg.eval.max_listed
     bad = [b for p in parts for b in p["bad"]]
     if bad:
-        raise DataError(f"{len(bad)} problem(s) with the CAMs in {cam_dir} or the masks of split "
-                        f"'{cfg.data.infer_split}':\n  " + "\n  ".join(bad[:limit]) +
-                        (f"\n  ... ({len(bad) - limit} more)" if len(bad) > limit else ""))
+        raise DataError(problem_list(f"{len(bad)} problem(s) with the CAMs in {cam_dir} or the masks of split "
+                                     f"'{cfg.data.infer_split}'", bad, limit))
     by_weights: dict[str, list[str]] = defaultdict(list)
     for p in parts:
         for sha, ids in p["by_weights"].items():

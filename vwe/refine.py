@@ -22,7 +22,7 @@ from vwe.config import Config, RefineConfig
 from vwe.data.loader import infer_samples
 from vwe.data.voc import voc_palette
 from vwe.dist import all_reduce_sum, distributed_state, gather_objects
-from vwe.errors import DataError, VweError
+from vwe.errors import DataError, VweError, problem_list
 from vwe.io import atomic_write, file_sha256
 from vwe.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
     pixel_accuracy
@@ -177,8 +177,7 @@ def _check(parts: list[dict], cam_dir: Path, limit: int) -> str:
     """Raise DataError listing every bad CAM, or for CAMs of several weights; returns their SHA-256."""
     problems = [p for part in parts for p in part["problems"]]
     if problems:
-        raise DataError(f"{len(problems)} CAM problem(s) in {cam_dir}:\n  " + "\n  ".join(problems[:limit]) +
-                        (f"\n  ... ({len(problems) - limit} more)" if len(problems) > limit else ""))
+        raise DataError(problem_list(f"{len(problems)} CAM problem(s) in {cam_dir}", problems, limit))
     by_weights: dict[str, list[str]] = defaultdict(list)
     for part in parts:
         for sha, ids in part["by_weights"].items():
