@@ -6,7 +6,6 @@ tools read (with `cam` a torch tensor, as they expect).
 """
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path

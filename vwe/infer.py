@@ -189,7 +189,7 @@ def infer(cfg: Config) -> int:
     """Write CAMs for every image of cfg.data.infer_split, split over all ranks; returns 0, or
     PREEMPT_EXIT_CODE after SIGUSR1/SIGTERM (CAMs written so far are kept and skipped on rerun)."""
     state = distributed_state()
-    device, rank, world = state.device, state.process_index, state.num_processes
+    device = state.device
     model, weights_hash, model_cfg = load_cam_model(cfg, device)
     precision = resolve_precision(cfg.infer.mixed_precision, device)
     lock = RunLock(cfg.output.run_dir, "vwe infer")

@@ -7,7 +7,6 @@ which plain CAMs light up only the discriminative part.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
