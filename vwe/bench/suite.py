@@ -74,13 +74,15 @@ def _launch(processes: int, args: list[str], log: Path, timeout: float) -> None:
         raise VweError(f"benchmark training run with {processes} process(es) failed; see {log}")
 
 
-def _data(cfg: Config, out: Path, log: Path) -> str:
-    """The shards to measure on: data.root's, or a synthetic VOC-sized set made here."""
+def _data(cfg: Config, out: Path, log: Path, steps: int) -> str:
+    """The shards to measure on: data.root's, or a synthetic VOC-sized set made here, large enough that
+    the timed training steps fall in one epoch (each epoch starts its loader workers anew)."""
     if (Path(cfg.data.root) / f"{cfg.data.train_split}.json").is_file():
         return cfg.data.root
     synth, shards = out / "synthetic", out / "shards"
     if not (shards / "train.json").is_file():
-        _vwe(["synth", "--out", str(synth), "--train", "64", "--val", "16", "--size", "500"], log, 1800)
+        n = max(64, cfg.train.batch_size * (steps + 4))
+        _vwe(["synth", "--out", str(synth), "--train", str(n), "--val", "16", "--size", "500"], log, 1800)
         _vwe(["prepare", "--voc", str(synth), "--out", str(shards), "--shard-size", "16"], log, 1800)
     return str(shards)
 
@@ -90,7 +92,7 @@ def run_suite(cfg: Config, out: Path, steps: int, quick: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "suite.log"
     log.write_text("")
-    root = _data(cfg, out, log)
+    root = _data(cfg, out, log, steps)
     split = cfg.data.train_split if root == cfg.data.root else "train"
     with tempfile.TemporaryDirectory(prefix="vwe-suite-") as tmp:
         cfg_path = Path(tmp) / "config.yaml"

@@ -81,13 +81,14 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
     torch.manual_seed(cfg.train.seed)
     bench_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=warmup + steps))
     parts = build_parts(bench_cfg, accelerator, steps_epoch=warmup + steps)
+    synchronize(device)
+    model_mem = peak_memory_mib(device)  # before the FLOP count's forward and backward raise the peak
     b, s = cfg.train.batch_size, cfg.data.crop_size
     batches, source = _input(cfg, device, warmup + steps)
     images, labels = next(batches)
     precision = accelerator.mixed_precision  # `auto` resolved for this device
     flops = count_flops(parts.net, normalize(images), labels, precision, device)
     synchronize(device)
-    model_mem = peak_memory_mib(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
