@@ -30,3 +30,19 @@ def test_bench_suite_writes_every_figure(synthetic_shards, tmp_path):
     text = doc.read_text()
     assert "hand-written text" in text and "more text" in text and "old" not in text.split("hand-written")[1]
     assert table in text
+
+
+def test_bench_infer_compares_the_compiled_cam_network(tmp_path):
+    """`--compare compile` really compiles (inductor, freezing, dynamic shapes) and the compiled network
+    computes what the eager one does; another comparison is refused for inference."""
+    out = tmp_path / "compile.json"
+    run_vwe("bench", "infer", "--config", str(REPO / "configs" / "demo.yaml"), "model.backbone=resnet18",
+            "model.pretrained=none", "infer.scales=[0.25, 0.125]", 'infer.mixed_precision="no"',
+            "--compare", "compile", "--steps", "1", "--json", str(out), timeout=900)
+    f = json.loads(out.read_text())
+    assert f["mixed_precision"] == "no" and len(f["eager_s_per_image"]) == len(f["compiled_s_per_image"]) == 1
+    assert f["max_rel_diff"] < 1e-4 and f["gflops_per_image"] > 0 and f["eager_mfu"] > 0
+    assert f["compiled_graphs"] == 1 and isinstance(f["gain_pct"], float)  # one graph for every size
+    proc = run_vwe("bench", "infer", "--config", str(REPO / "configs" / "demo.yaml"), "--compare", "checkpointing",
+                   check=False)
+    assert proc.returncode == 2 and "--compare takes only 'compile'" in proc.stderr

@@ -25,6 +25,7 @@ from vwe.cam_io import CamRecord, write_cam
 from vwe.config import Config
 from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_pair
 from vwe.device import autocast as device_autocast, synchronize
+from vwe.errors import VweError
 from vwe.infer import keep_positive, multiscale_cams
 from vwe.model.backbone import FROZEN_NORMS, fold_frozen_bn
 from vwe.bench.train import peak_tflops
@@ -111,8 +112,77 @@ def cam_flops(model: torch.nn.Module, size: tuple[int, int], scales: list[float]
     return float(counter.get_total_flops())
 
 
+COMPILE_SIZES = [(375, 500), (333, 500), (500, 375)]  # common VOC image sizes
+
+
+def compile_comparison(cfg: Config, device: torch.device, rounds: int) -> dict:
+    """The CAM network eager against torch.compile (inductor, weight freezing, dynamic shapes, so VOC's
+    many image sizes share one graph): seconds per image over a few VOC sizes at every scale with its
+    flip, the best of `rounds` passes after a first (compiling) pass, and the largest difference."""
+    mcfg = copy.deepcopy(cfg.model)
+    mcfg.pretrained, mcfg.grad_checkpointing = "none", False
+    torch.manual_seed(0)
+    net = build_model(mcfg).eval().to(device)
+    if mcfg.norm in FROZEN_NORMS:
+        fold_frozen_bn(net)
+    fmt = torch.channels_last if mcfg.channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 3, round(h * s), round(w * s), generator=gen).to(device).contiguous(memory_format=fmt)
+              for h, w in COMPILE_SIZES for s in cfg.infer.scales]
+    autocast = functools.partial(device_autocast, cfg.infer.mixed_precision, device)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    compiled = torch.compile(net.cam, dynamic=True)
+
+    def one_pass(fn) -> float:
+        return _timed(device, lambda: [fn(x) for x in inputs]) / len(COMPILE_SIZES)
+
+    # rounds alternate between the two, so drift in the machine's speed hits both alike
+    with torch.no_grad(), autocast(), torch._inductor.config.patch(freezing=True):
+        first_eager, first_compiled = one_pass(net.cam), one_pass(compiled)
+        eager, comp = [], []
+        for _ in range(rounds):
+            eager.append(one_pass(net.cam))
+            comp.append(one_pass(compiled))
+        diff = max(float((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-12))
+                   for a, b in ((net.cam(x), compiled(x)) for x in inputs[:len(cfg.infer.scales)]))
+    first_eager, first_compiled = first_eager * len(COMPILE_SIZES), first_compiled * len(COMPILE_SIZES)
+    flops = sum(cam_flops(net, size, list(cfg.infer.scales), device) for size in COMPILE_SIZES) / len(COMPILE_SIZES)
+    peak = peak_tflops(device, "bf16" if cfg.infer.mixed_precision == "bf16" else "no")
+    best_e, best_c = min(eager), min(comp)
+    return {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "threads": torch.get_num_threads(), "backbone": mcfg.backbone, "mixed_precision": cfg.infer.mixed_precision,
+            "channels_last": mcfg.channels_last, "image_sizes": COMPILE_SIZES, "scales": list(cfg.infer.scales),
+            "gflops_per_image": round(flops / 1e9, 1), "peak_tflops": round(peak, 3),
+            "eager_s_per_image": [round(t, 3) for t in eager], "compiled_s_per_image": [round(t, 3) for t in comp],
+            "first_pass_s": {"eager": round(first_eager, 1), "compiled": round(first_compiled, 1)},
+            "gain_pct": round(100 * (best_e / best_c - 1), 1),
+            "eager_mfu": round(flops / best_e / (peak * 1e12), 3) if peak else None,
+            "compiled_mfu": round(flops / best_c / (peak * 1e12), 3) if peak else None,
+            "max_rel_diff": round(diff, 5),
+            # graphs dynamo compiled: 1 when every size and scale shares the dynamic-shape graph
+            "compiled_graphs": counters["stats"]["unique_graphs"]}
+
+
 def run(cfg: Config, args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compare = getattr(args, "compare", None)
+    if compare not in (None, "compile"):
+        raise VweError(f"vwe bench infer --compare takes only 'compile', got {compare!r}")
+    if compare == "compile":
+        f = compile_comparison(cfg, device, rounds=args.steps or 3)
+        print(f"CAM network, eager vs torch.compile (inductor, freezing, dynamic shapes), {f['device']}, "
+              f"{f['mixed_precision']}, {f['backbone']}, sizes {f['image_sizes']} x scales {f['scales']} + flips:")
+        print(f"  eager    s/image {f['eager_s_per_image']} (first pass {f['first_pass_s']['eager']} s), "
+              f"MFU {f['eager_mfu']}")
+        print(f"  compiled s/image {f['compiled_s_per_image']} (first pass, compiling, "
+              f"{f['first_pass_s']['compiled']} s), MFU {f['compiled_mfu']}")
+        print(f"  gain {f['gain_pct']}% (best passes); largest relative difference {f['max_rel_diff']}; "
+              f"{f['compiled_graphs']} compiled graph(s)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(f, indent=2))
+        return 0
     n = args.steps or 4
     size = (375, 500)
     scales = list(cfg.infer.scales)
