@@ -155,7 +155,7 @@ def compile_comparison(cfg: Config, device: torch.device, rounds: int) -> dict:
             "threads": torch.get_num_threads(), "backbone": mcfg.backbone, "mixed_precision": cfg.infer.mixed_precision,
             "channels_last": mcfg.channels_last, "image_sizes": COMPILE_SIZES, "scales": list(cfg.infer.scales),
             "gflops_per_image": round(flops / 1e9, 1), "peak_tflops": round(peak, 3),
-            "eager_s_per_image": [round(t, 3) for t in eager], "compiled_s_per_image": [round(t, 3) for t in comp],
+            "eager_s_per_image": [round(t, 4) for t in eager], "compiled_s_per_image": [round(t, 4) for t in comp],
             "first_pass_s": {"eager": round(first_eager, 1), "compiled": round(first_compiled, 1)},
             "gain_pct": round(100 * (best_e / best_c - 1), 1),
             "eager_mfu": round(flops / best_e / (peak * 1e12), 3) if peak else None,
