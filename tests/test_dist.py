@@ -1,0 +1,43 @@
+"""The process group really ends at destroy_process_group: with two real CPU processes (gloo), no gloo
+thread outlives it, even when torchvision (and with it torch._dynamo) is imported after the group was
+formed, as `vwe evaluate`'s weight check does. A group kept alive past that point is torn down during
+interpreter shutdown, which aborted 2 of 8 two-process `vwe evaluate` runs ("terminate called without an
+active exception")."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SCRIPT = """
+import os
+from vwe.dist import all_reduce_sum, distributed_state
+import numpy as np
+state = distributed_state()
+assert state.num_processes == 2
+all_reduce_sum(np.ones(3))
+import torchvision  # noqa: F401  (late, as the evaluation's weight check imports the model)
+import torch.distributed as dist
+dist.destroy_process_group()
+names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print(f"rank {state.process_index} threads after destroy: {names}", flush=True)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_no_gloo_thread_outlives_destroy_process_group(tmp_path):
+    script = tmp_path / "group.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / "cpu.yaml"),
+           "--num_processes", "2", "--main_process_port", "0", str(script)]
+    proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if "threads after destroy" in line]
+    assert len(lines) == 2, proc.stdout
+    for line in lines:
+        assert "gloo" not in line, line
