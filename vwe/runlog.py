@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -53,12 +54,16 @@ class _Tee:
         return getattr(self.stream, name)
 
 
+_STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+
+
 class _LogFile:
     def __init__(self, path: Path) -> None:
         self.path, self.pending, self.file = path, [], None
 
     def add(self, line: str) -> None:
-        self.pending.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        stamped = _STAMPED.match(line) is not None  # the training progress lines carry their own time
+        self.pending.append(f"{line}\n" if stamped else f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
         if self.file is not None or len(self.pending) % 20 == 0:
             self.flush()
 
