@@ -228,41 +228,22 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from vwe.runlog import quiet_third_party, run_log
     quiet_third_party()
-    grouped = False
     with run_log(_run_dir(args) if args.command in LOGGED_COMMANDS else None, args.command):
         try:
-            code = int(args.func(args) or 0)
+            return int(args.func(args) or 0)
         except VweError as e:
             print(f"vwe {args.command}: error: {e}", file=sys.stderr)
-            code = 2
+            return 2
         finally:
-            grouped = _leave_process_group()
-    if grouped:
-        _exit_without_teardown(code)
-    return code
+            _leave_process_group()
 
 
-def _leave_process_group() -> bool:
-    """Tear the process group down before exit; True if this process was in one."""
+def _leave_process_group() -> None:
+    """Tear the process group down before exit: left to interpreter shutdown, its threads can abort the
+    process ("terminate called without an active exception"; vwe/dist.py, import_before_group)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-        return True
-    return False
-
-
-def _exit_without_teardown(code: int) -> None:
-    """Exit a process that was in a process group: atexit handlers run, then the process ends without the
-    interpreter's teardown. destroy_process_group does not always free the group (something in the
-    training setup keeps its gloo threads alive), and those threads, destroyed during teardown, abort
-    the process ("terminate called without an active exception", exit -6) after its work succeeded:
-    seen in about 1 of 10 two-process runs of `vwe evaluate` and `vwe pipeline`."""
-    import atexit
-    import os
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 # Commands whose output is kept as <run_dir>/<command>.log (docs/training.md, "Seeing it run").

@@ -5,13 +5,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import importlib
+import importlib.util
+
 import numpy as np
 import torch
-# Imported before any process group exists, on purpose: importing torch._dynamo (torchvision does) while
-# a group is up keeps that group referenced past destroy_process_group, so its gloo threads live on into
-# interpreter shutdown and abort the process there ("terminate called without an active exception"),
-# measured in 2 of 8 two-process `vwe evaluate` runs.
-import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 from accelerate import PartialState
 
@@ -24,12 +22,28 @@ def use_cpu() -> bool:
     return forced or not torch.cuda.is_available()
 
 
+# Modules that, imported for the first time while a process group exists, keep that group referenced
+# past destroy_process_group: torch._dynamo (torchvision imports it) and DeepSpeed (Accelerate imports it
+# lazily, e.g. in unwrap_model). The group's gloo threads then live on into interpreter shutdown and
+# abort the process there ("terminate called without an active exception"; 3 of 28 two-process
+# `vwe evaluate` runs). tests/test_dist.py holds the check.
+GROUP_CAPTURING_MODULES = ("torch._dynamo", "deepspeed")
+
+
+def import_before_group() -> None:
+    """Import GROUP_CAPTURING_MODULES (those installed) before a process group forms."""
+    for name in GROUP_CAPTURING_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+
+
 def distributed_state(**kwargs: Any) -> PartialState:
     """Join the process group described by the environment (world size 1 when there is none).
 
     Without a GPU Accelerate must be told it runs on CPU, or each launched process believes it is alone.
     `kwargs` go to PartialState (e.g. `timeout`).
     """
+    import_before_group()
     return PartialState(cpu=use_cpu(), **kwargs)
 
 

@@ -12,6 +12,7 @@ from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitPr
 from torch.optim.lr_scheduler import LambdaLR
 
 from vwe.config import Config, ConfigError, ModelConfig
+from vwe.dist import import_before_group
 from vwe.data.loader import micro_batch_size, steps_per_epoch
 from vwe.device import native_bf16, precision_note, resolve_precision
 from vwe.model.net import VWENet, build_model, param_groups
@@ -92,6 +93,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and deepspeed and not cuda else []
+    import_before_group()
     return Accelerator(
         cpu=not cuda and not deepspeed,
         mixed_precision=precision,
