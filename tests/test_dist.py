@@ -1,8 +1,8 @@
 """The process group really ends at destroy_process_group: with two real CPU processes (gloo), no gloo
 thread outlives it, even when torchvision (and with it torch._dynamo) and DeepSpeed are imported after
-the group was formed, as `vwe evaluate`'s weight check and Accelerate's unwrap_model do. A group kept alive past that point is torn down during
-interpreter shutdown, which aborted 2 of 8 two-process `vwe evaluate` runs ("terminate called without an
-active exception")."""
+the group was formed, as `vwe evaluate`'s weight check and Accelerate's unwrap_model do. A group kept
+alive past that point is torn down during interpreter shutdown, which aborted 2- and 3-process
+`vwe evaluate` and `vwe pipeline` runs ("terminate called without an active exception")."""
 from __future__ import annotations
 
 import re

@@ -1,12 +1,11 @@
 """The process group as Accelerate/torchrun/SLURM set it up, and the few collectives the pipeline needs."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from collections.abc import Callable
 from typing import Any
-
-import importlib
-import importlib.util
 
 import numpy as np
 import torch
