@@ -172,6 +172,19 @@ def test_bad_cams_exit_2_naming_the_file(synthetic_shards, samples, tmp_path):
     assert proc.returncode == 2 and f"CAM folder {tmp_path / 'nowhere'} does not exist" in proc.stderr
 
 
+def test_cams_of_two_weights_files_are_refused(synthetic_shards, samples, tmp_path):
+    cams = _write_cams(samples, tmp_path / "cams", _exact_cam)
+    stale = samples[2]["key"]
+    rec = _exact_cam(samples[2]["mask"].numpy())
+    write_cam(cams / f"{stale}.npz", CamRecord(rec.keys, rec.cam, rec.high_res, "older-weights"))
+    labels = tmp_path / "labels"
+    proc = run_vwe("refine", *_args(synthetic_shards, cams, labels, "refine.method=threshold"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"CAMs in {cams} come from 2 different weights files" in proc.stderr
+    assert f"weights older-weights: 1 CAMs, e.g. {stale}" in proc.stderr and "rerun `vwe infer`" in proc.stderr
+    assert not (labels / "report.json").exists()
+
+
 @needs_crf
 @pytest.mark.multiprocess
 def test_two_processes_write_the_same_pngs(synthetic_shards, samples, tmp_path):

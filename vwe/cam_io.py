@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vwe.errors import DataError
+from vwe.errors import DataError, id_listing
 from vwe.io import atomic_write
 
 FIELDS = ("keys", "cam", "high_res")
@@ -112,3 +112,17 @@ def export_legacy(cam_dir: Path, out_dir: Path) -> int:
 def cam_dir_for(cfg) -> Path:
     """Where a run's CAMs live: `infer.out_dir`, or `<run_dir>/cams`."""
     return Path(cfg.infer.out_dir) if cfg.infer.out_dir else Path(cfg.output.run_dir) / "cams"
+
+
+def cams_by_weights(parts: list[dict[str, list[str]]], cam_dir: Path, advice: str) -> dict[str, list[str]]:
+    """Every rank's CAM ids grouped by the SHA-256 of the weights that computed them; a DataError (with
+    `advice`) when they come from more than one weights file."""
+    merged: dict[str, list[str]] = {}
+    for part in parts:
+        for sha, ids in part.items():
+            merged.setdefault(sha, []).extend(ids)
+    if len(merged) > 1:
+        lines = [f"weights {sha}: {len(ids)} CAMs, e.g. {id_listing(ids, 5)}" for sha, ids in merged.items()]
+        raise DataError(f"CAMs in {cam_dir} come from {len(merged)} different weights files: {advice}:\n  "
+                        + "\n  ".join(lines))
+    return merged

@@ -17,3 +17,9 @@ def problem_list(head: str, problems: list[str], limit: int) -> str:
     """`head`, then the first `limit` problems one per line, then how many more there are."""
     more = f"\n  ... ({len(problems) - limit} more)" if len(problems) > limit else ""
     return f"{head}:\n  " + "\n  ".join(problems[:limit]) + more
+
+
+def id_listing(ids: list[str], limit: int) -> str:
+    """The first `limit` ids (sorted), then how many more there are."""
+    shown = ", ".join(sorted(ids)[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")

@@ -16,23 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from vwe.board import log_evaluation
-from vwe.cam_io import cam_dir_for, read_cam_for
+from vwe.cam_io import cam_dir_for, cams_by_weights, read_cam_for
 from vwe.config import Config
 from vwe.data.loader import infer_ranges, infer_samples
 from vwe.data.shards import load_index
 from vwe.dist import all_reduce_sum, distributed_state, gather_objects
-from vwe.errors import CheckpointError, DataError, problem_list
+from vwe.errors import CheckpointError, DataError, id_listing, problem_list
 from vwe.io import atomic_write, file_sha256
 from vwe.miou import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
                          mask_value_problem, mean_iou, pixel_accuracy, sweep_histogram, sweep_thresholds)
 from vwe.skips import SkipPolicy, unseen_after
 
 NUM_LABELS = 21  # background + 20 VOC classes
-
-
-def _listing(ids: list[str], limit: int) -> str:
-    shown = ", ".join(sorted(ids)[:limit])
-    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
 
 
 def expected_weights(cfg: Config) -> tuple[Path, str] | None:
@@ -98,15 +93,8 @@ def _check_complete(parts: list[dict], cfg: Config, cam_dir: Path,
     if bad:
         raise DataError(problem_list(f"{len(bad)} problem(s) with the CAMs in {cam_dir} or the masks of split "
                                      f"'{cfg.data.infer_split}'", bad, limit))
-    by_weights: dict[str, list[str]] = defaultdict(list)
-    for p in parts:
-        for sha, ids in p["by_weights"].items():
-            by_weights[sha].extend(ids)
-    if len(by_weights) > 1:
-        lines = [f"weights {sha}: {len(ids)} CAMs, e.g. {_listing(ids, 5)}" for sha, ids in by_weights.items()]
-        now = (f"; `vwe infer` replaces those not from {expected[0]} (sha256 {expected[1]})" if expected else "")
-        raise DataError(f"CAMs in {cam_dir} come from {len(by_weights)} different weights files: rerun "
-                        f"`vwe infer`{now}:\n  " + "\n  ".join(lines))
+    now = (f"; `vwe infer` replaces those not from {expected[0]} (sha256 {expected[1]})" if expected else "")
+    by_weights = cams_by_weights([p["by_weights"] for p in parts], cam_dir, f"rerun `vwe infer`{now}")
     if expected and by_weights and expected[1] not in by_weights:
         (found,) = by_weights
         raise DataError(f"CAMs in {cam_dir} come from other weights (sha256 {found}) than those `vwe infer` "
@@ -115,7 +103,7 @@ def _check_complete(parts: list[dict], cfg: Config, cam_dir: Path,
     missing = [k for p in parts for k in p["missing"]]
     if missing and not cfg.eval.allow_missing:
         raise DataError(f"{len(missing)} id(s) of split '{cfg.data.infer_split}' have no CAM in {cam_dir} "
-                        f"(set eval.allow_missing=true to evaluate the rest): {_listing(missing, limit)}")
+                        f"(set eval.allow_missing=true to evaluate the rest): {id_listing(missing, limit)}")
     if not sum(p["scored"] for p in parts):
         raise DataError(f"no image of split '{cfg.data.infer_split}' could be scored with the CAMs in {cam_dir} "
                         f"({len(missing)} without a CAM, {sum(len(p['skips']) for p in parts)} skipped as corrupt)")

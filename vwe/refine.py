@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from vwe.cam_io import cam_dir_for, read_cam_for
+from vwe.cam_io import cam_dir_for, cams_by_weights, read_cam_for
 from vwe.config import Config, RefineConfig
 from vwe.data.loader import infer_samples
 from vwe.data.voc import voc_palette
@@ -178,15 +178,8 @@ def _check(parts: list[dict], cam_dir: Path, limit: int) -> str:
     problems = [p for part in parts for p in part["problems"]]
     if problems:
         raise DataError(problem_list(f"{len(problems)} CAM problem(s) in {cam_dir}", problems, limit))
-    by_weights: dict[str, list[str]] = defaultdict(list)
-    for part in parts:
-        for sha, ids in part["by_weights"].items():
-            by_weights[sha].extend(ids)
-    if len(by_weights) > 1:
-        lines = [f"weights {sha[:12]}: {len(ids)} CAMs, e.g. {', '.join(sorted(ids)[:5])}"
-                 for sha, ids in by_weights.items()]
-        raise DataError(f"CAMs in {cam_dir} come from {len(by_weights)} different weights files; rerun "
-                        f"`vwe infer` (it replaces CAMs of other weights):\n  " + "\n  ".join(lines))
+    by_weights = cams_by_weights([part["by_weights"] for part in parts], cam_dir,
+                                 "rerun `vwe infer` (it replaces CAMs of other weights)")
     return next(iter(by_weights), "")
 
 
