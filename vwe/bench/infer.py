@@ -115,18 +115,36 @@ def cam_flops(model: torch.nn.Module, size: tuple[int, int], scales: list[float]
 COMPILE_SIZES = [(375, 500), (333, 500), (500, 375)]  # common VOC image sizes
 
 
+def _model_config(cfg: Config):
+    """cfg.model with random weights (speed does not depend on them) and no gradient checkpointing."""
+    mcfg = copy.deepcopy(cfg.model)
+    mcfg.pretrained, mcfg.grad_checkpointing = "none", False
+    return mcfg
+
+
+def _fast(net: torch.nn.Module, mcfg) -> tuple[torch.nn.Module, int]:
+    """vwe's inference form of `net`, in place: frozen BN folded (how many layers), channels_last per config."""
+    folded = fold_frozen_bn(net) if mcfg.norm in FROZEN_NORMS else 0
+    return (net.to(memory_format=torch.channels_last) if mcfg.channels_last else net), folded
+
+
+def _device_name(device: torch.device) -> str:
+    return str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+
+
+def _peak(cfg: Config, device: torch.device) -> float:
+    """The device's peak TFLOP/s in the precision of cfg.infer.mixed_precision."""
+    return peak_tflops(device, "bf16" if cfg.infer.mixed_precision == "bf16" else "no")
+
+
 def compile_comparison(cfg: Config, device: torch.device, rounds: int) -> dict:
     """The CAM network eager against torch.compile (inductor, weight freezing, dynamic shapes, so VOC's
     many image sizes share one graph): seconds per image over a few VOC sizes at every scale with its
     flip, the best of `rounds` passes after a first (compiling) pass, and the largest difference."""
-    mcfg = copy.deepcopy(cfg.model)
-    mcfg.pretrained, mcfg.grad_checkpointing = "none", False
+    mcfg = _model_config(cfg)
     torch.manual_seed(0)
-    net = build_model(mcfg).eval().to(device)
-    if mcfg.norm in FROZEN_NORMS:
-        fold_frozen_bn(net)
+    net, _ = _fast(build_model(mcfg).eval().to(device), mcfg)
     fmt = torch.channels_last if mcfg.channels_last else torch.contiguous_format
-    net = net.to(memory_format=fmt)
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(2, 3, round(h * s), round(w * s), generator=gen).to(device).contiguous(memory_format=fmt)
               for h, w in COMPILE_SIZES for s in cfg.infer.scales]
@@ -136,22 +154,22 @@ def compile_comparison(cfg: Config, device: torch.device, rounds: int) -> dict:
     compiled = torch.compile(net.cam, dynamic=True)
 
     def one_pass(fn) -> float:
-        return _timed(device, lambda: [fn(x) for x in inputs]) / len(COMPILE_SIZES)
+        """Seconds for every input (all sizes and scales)."""
+        return _timed(device, lambda: [fn(x) for x in inputs])
 
     # rounds alternate between the two, so drift in the machine's speed hits both alike
     with torch.no_grad(), autocast(), torch._inductor.config.patch(freezing=True):
         first_eager, first_compiled = one_pass(net.cam), one_pass(compiled)
         eager, comp = [], []
         for _ in range(rounds):
-            eager.append(one_pass(net.cam))
-            comp.append(one_pass(compiled))
+            eager.append(one_pass(net.cam) / len(COMPILE_SIZES))
+            comp.append(one_pass(compiled) / len(COMPILE_SIZES))
         diff = max(float((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-12))
                    for a, b in ((net.cam(x), compiled(x)) for x in inputs[:len(cfg.infer.scales)]))
-    first_eager, first_compiled = first_eager * len(COMPILE_SIZES), first_compiled * len(COMPILE_SIZES)
     flops = sum(cam_flops(net, size, list(cfg.infer.scales), device) for size in COMPILE_SIZES) / len(COMPILE_SIZES)
-    peak = peak_tflops(device, "bf16" if cfg.infer.mixed_precision == "bf16" else "no")
+    peak = _peak(cfg, device)
     best_e, best_c = min(eager), min(comp)
-    return {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    return {"device": _device_name(device),
             "threads": torch.get_num_threads(), "backbone": mcfg.backbone, "mixed_precision": cfg.infer.mixed_precision,
             "channels_last": mcfg.channels_last, "image_sizes": COMPILE_SIZES, "scales": list(cfg.infer.scales),
             "gflops_per_image": round(flops / 1e9, 1), "peak_tflops": round(peak, 3),
@@ -186,16 +204,12 @@ def run(cfg: Config, args) -> int:
     n = args.steps or 4
     size = (375, 500)
     scales = list(cfg.infer.scales)
-    mcfg = copy.deepcopy(cfg.model)
-    mcfg.pretrained, mcfg.grad_checkpointing = "none", False
+    mcfg = _model_config(cfg)
     images, labels = _images(n, size), _labels(n, mcfg.num_classes)
 
     torch.manual_seed(0)
     base = build_model(mcfg).eval().to(device).to(memory_format=torch.contiguous_format)
-    fast = copy.deepcopy(base)
-    folded = fold_frozen_bn(fast) if mcfg.norm in FROZEN_NORMS else 0
-    if mcfg.channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
+    fast, folded = _fast(copy.deepcopy(base), mcfg)
     autocast = functools.partial(device_autocast, cfg.infer.mixed_precision, device)
     store = np.float16 if cfg.infer.dtype == "float16" else np.float32
 
@@ -217,10 +231,9 @@ def run(cfg: Config, args) -> int:
             diff = float(np.abs(z["high_res"].astype(np.float32) - ref).max())
 
     flops = cam_flops(fast, size, scales, device)
-    precision = "bf16" if cfg.infer.mixed_precision == "bf16" else "no"
-    peak_fp32, peak_ours = peak_tflops(device, "no"), peak_tflops(device, precision)
+    peak_fp32, peak_ours = peak_tflops(device, "no"), _peak(cfg, device)
     figures = {
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": _device_name(device),
         "threads": torch.get_num_threads(), "backbone": mcfg.backbone, "norm": mcfg.norm,
         "bn_folded": folded, "image_size": list(size), "images": n, "scales": scales,
         "batch_size": cfg.infer.batch_size, "mixed_precision": cfg.infer.mixed_precision,
