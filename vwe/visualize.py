@@ -43,9 +43,8 @@ def _tile(rgb: np.ndarray, title: str, photo: bool = True) -> Image.Image:
     scale = TILE / max(img.size)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     img = img.resize(size, Image.LANCZOS if photo else Image.NEAREST)
-    tile = Image.new("RGB", (TILE, TILE + LABEL_H), "white")
+    tile = _blank(title[:26])
     tile.paste(img, ((TILE - img.width) // 2, LABEL_H))
-    ImageDraw.Draw(tile).text((2, 1), title[:26], fill="black")
     return tile
 
 
@@ -70,6 +69,7 @@ def picture_tiles(image: np.ndarray, mask: np.ndarray | None, keys: np.ndarray, 
 
 
 def _blank(title: str) -> Image.Image:
+    """An empty white tile with its title."""
     tile = Image.new("RGB", (TILE, TILE + LABEL_H), "white")
     ImageDraw.Draw(tile).text((2, 1), title, fill="black")
     return tile
