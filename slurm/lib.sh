@@ -1,7 +1,7 @@
 # Shell functions shared by slurm/launch.sh and the sbatch scripts (sourced, not run).
 # shellcheck shell=bash
 
-PREEMPT_EXIT_CODE=75   # vwe.preempt.PREEMPT_EXIT_CODE: "checkpointed after a preemption signal"
+PREEMPT_EXIT_CODE=75   # vwe.runtime.preempt.PREEMPT_EXIT_CODE: "checkpointed after a preemption signal"
 
 # vwe_spawn CMD...: run CMD in the background; sets VWE_PID. The exit status goes to a file because
 # `wait` interrupted by a signal trap can lose it. The wrapper shell outlives a SIGTERM (a trap, not

@@ -6,8 +6,8 @@ import json
 import tarfile
 from pathlib import Path
 
-from vwe.config import load_config
-from vwe.io import file_sha256
+from vwe.formats.config import load_config
+from vwe.runtime.files import file_sha256
 from vwe.data.shards import ShardInfo, iter_shard, load_index, write_index
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import typing
 from conftest import REPO, run_vwe
 
 from vwe import __version__
-from vwe.config import Config, load_config
+from vwe.formats.config import Config, load_config
 
 
 def test_version_and_top_level_help():

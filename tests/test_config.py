@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import run_vwe
-from vwe.config import Config, ConfigError, load_config, parse_override, save_config, config_from_dict
+from vwe.formats.config import Config, ConfigError, load_config, parse_override, save_config, config_from_dict
 
 
 def write(tmp_path: Path, text: str) -> Path:

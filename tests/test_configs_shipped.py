@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from vwe.config import Config, load_config, repo_configs_dir
+from vwe.formats.config import Config, load_config, repo_configs_dir
 
 CONFIGS = repo_configs_dir()
 SHIPPED = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))

@@ -16,7 +16,7 @@ from vwe.data.loader import infer_samples, train_batches
 from vwe.data.shards import load_index, prepare
 from vwe.data.synthetic import write_dataset
 from vwe.data.voc import encode_mask
-from vwe.errors import DataError
+from vwe.runtime.errors import DataError
 
 SHARD = "train-000000.tar"
 

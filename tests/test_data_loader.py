@@ -14,7 +14,7 @@ from vwe.data.loader import infer_samples, steps_per_epoch, train_batches
 from vwe.data.shards import load_index, prepare
 from vwe.data.synthetic import write_dataset
 from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_UINT8, normalize
-from vwe.errors import VweError
+from vwe.runtime.errors import VweError
 
 
 @pytest.fixture(scope="module")

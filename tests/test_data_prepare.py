@@ -13,7 +13,7 @@ from conftest import run_vwe
 from vwe.data.shards import iter_shard, load_index, prepare
 from vwe.data.synthetic import write_dataset
 from vwe.data.voc import CLASS_NAMES, decode_mask, labels_from_mask
-from vwe.errors import DataError
+from vwe.runtime.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,6 @@ def test_zero_two_processes_bf16(synthetic_shards, tmp_path, stage):
     assert s["processes"] == 2 and s["replicas_identical"] and s["batches_per_rank"] == [4, 4]
     assert (run / "checkpoints" / "step-000004").is_dir() and (run / "final" / "model.safetensors").is_file()
     # the model is built contiguous under DeepSpeed, but the run's config is recorded as given
-    from vwe.checkpoint import load_weights
+    from vwe.formats.checkpoint import load_weights
     assert load_weights(run / "final" / "model.safetensors")[1]["model"]["channels_last"] is True
     assert "channels_last: true" in (run / "config.yaml").read_text()

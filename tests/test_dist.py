@@ -16,7 +16,7 @@ from conftest import REPO
 
 SCRIPT = """
 import os
-from vwe.dist import all_reduce_sum, distributed_state
+from vwe.runtime.dist import all_reduce_sum, distributed_state
 import numpy as np
 state = distributed_state()
 assert state.num_processes == 2

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, launch_cmd, run_vwe
-from vwe.cam_io import CamRecord, read_cam, write_cam
-from vwe.config import load_config
+from vwe.formats.cams import CamRecord, read_cam, write_cam
+from vwe.formats.config import load_config
 from vwe.data.loader import infer_samples
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -32,7 +32,7 @@ def ground_truth(shards: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def final_weights(run: Path, value: float = 0.0) -> str:
     """A (tiny) weights file where `vwe infer` looks for the run's final weights; returns its SHA-256."""
     import torch
-    from vwe.checkpoint import FINAL_WEIGHTS_NAME, export_weights
+    from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, export_weights
     return export_weights({"w": torch.full((2,), value)}, {}, run / FINAL_WEIGHTS_NAME)
 
 

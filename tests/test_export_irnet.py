@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vwe.cam_io import CamRecord, export_legacy, read_cam, write_cam
-from vwe.miou import cam_to_label
+from vwe.formats.cams import CamRecord, export_legacy, read_cam, write_cam
+from vwe.report.miou import cam_to_label
 
 
 def _record(rng: np.random.Generator, keys: list[int], h: int, w: int, dtype=np.float32) -> CamRecord:

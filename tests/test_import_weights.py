@@ -18,13 +18,13 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import REPO, run_vwe
-from vwe.checkpoint import load_weights
-from vwe.config import load_config
+from vwe.formats.checkpoint import load_weights
+from vwe.formats.config import load_config
 from vwe import cli
-from vwe.import_weights import (SOURCES, WeightsImportError, canonical_name, convert, import_weights, recipe_config,
+from vwe.tools.import_weights import (SOURCES, WeightsImportError, canonical_name, convert, import_weights, recipe_config,
                                 to_authors)
-from vwe.infer import load_cam_model
-from vwe.model.net import build_model
+from vwe.stages.infer import load_cam_model
+from vwe.nets.cam import build_model
 
 REFERENCE = Path("/work/shared/reference/original_state_dict_keys.txt")
 
@@ -140,7 +140,7 @@ def test_cli_import_then_cams_equal_the_published_forward(vwe2021, tmp_path):
 def test_infer_and_evaluate_with_imported_weights(vwe2021, synthetic_shards, tmp_path):
     """No training: the imported file drives `vwe infer` and `vwe evaluate`, with CAMs identical to those of
     the same weights exported by vwe itself."""
-    from vwe.checkpoint import export_weights
+    from vwe.formats.checkpoint import export_weights
     state, authors = vwe2021
     torch.save(authors, tmp_path / "a.pth")
     run_vwe("import-weights", "--from", "vwe-2021", str(tmp_path / "a.pth"), "--out", str(tmp_path / "a.safetensors"))

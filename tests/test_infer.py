@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY, kill_tree, launch_cmd, run_vwe
-from vwe.cam_io import read_cam
+from vwe.formats.cams import read_cam
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 
@@ -104,9 +104,9 @@ def test_missing_weights_is_a_clear_error(synthetic_shards, tmp_path):
 
 def test_multiscale_cams_flip_and_scales():
     import torch
-    from vwe.config import load_config
-    from vwe.infer import keep_positive, multiscale_cams
-    from vwe.model.net import build_model
+    from vwe.formats.config import load_config
+    from vwe.stages.infer import keep_positive, multiscale_cams
+    from vwe.nets.cam import build_model
     cfg = load_config(DEMO, ["model.num_words=8"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()

@@ -12,10 +12,10 @@ import time
 import pytest
 
 from conftest import REPO
-from vwe.cam_io import read_cam
-from vwe.checkpoint import FINAL_WEIGHTS_NAME, export_weights
-from vwe.config import load_config
-from vwe.model.net import build_model
+from vwe.formats.cams import read_cam
+from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, export_weights
+from vwe.formats.config import load_config
+from vwe.nets.cam import build_model
 
 DEMO = REPO / "configs" / "demo.yaml"
 

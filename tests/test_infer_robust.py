@@ -15,12 +15,12 @@ import torch
 
 from conftest import REPO, TINY, run_vwe
 from data_helpers import samples_of, write_split
-from vwe.cam_io import read_cam
-from vwe.checkpoint import FINAL_WEIGHTS_NAME, export_weights
-from vwe.config import load_config
+from vwe.formats.cams import read_cam
+from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, export_weights
+from vwe.formats.config import load_config
 from vwe.data.loader import infer_samples
-from vwe.infer import SizeBatcher
-from vwe.model.net import build_model
+from vwe.stages.infer import SizeBatcher
+from vwe.nets.cam import build_model
 
 DEMO = REPO / "configs" / "demo.yaml"
 

@@ -34,7 +34,7 @@ def test_deepspeed_config(repo, stage):
 @pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (8, 1), (16, 1), (8, 2)])
 def test_deepspeed_batch_fields_fit_any_process_count(repo, stage, world, accum):
     """The shipped JSON works at any process count: vwe fills the "auto" fields from train.batch_size."""
-    from vwe.config import load_config
+    from vwe.formats.config import load_config
     from vwe.data.loader import micro_batch_size
     from vwe.training.setup import deepspeed_batch_fields
     cfg = load_config(repo / "configs" / "voc.yaml", [f"train.grad_accum={accum}"])
@@ -48,7 +48,7 @@ def test_deepspeed_batch_fields_fit_any_process_count(repo, stage, world, accum)
 
 
 def test_deepspeed_batch_field_that_disagrees_is_named():
-    from vwe.config import ConfigError
+    from vwe.formats.config import ConfigError
     from vwe.training.setup import deepspeed_batch_fields
     with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=2 but the vwe config implies 1"):
         deepspeed_batch_fields({"train_micro_batch_size_per_gpu": 2}, 1, 1, 16)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from vwe.miou import (cam_to_label, confusion_matrix, confusions_from_histogram, format_table,
+from vwe.report.miou import (cam_to_label, confusion_matrix, confusions_from_histogram, format_table,
                          iou_per_class, mean_iou, pixel_accuracy, sweep_histogram, sweep_thresholds)
 
 

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from conftest import REPO, launch_cmd, run_vwe
 from data_helpers import demo_cfg
-from vwe.cam_io import CamRecord, write_cam
+from vwe.formats.cams import CamRecord, write_cam
 from vwe.data.loader import infer_samples
 from vwe.data.voc import voc_palette
 
@@ -208,8 +208,8 @@ def test_two_processes_write_the_same_pngs(synthetic_shards, samples, tmp_path):
 
 @needs_crf
 def test_crf_labels_function():
-    from vwe.config import RefineConfig
-    from vwe.refine import crf_labels, crf_probabilities, threshold_labels
+    from vwe.formats.config import RefineConfig
+    from vwe.stages.refine import crf_labels, crf_probabilities, threshold_labels
     rng = np.random.default_rng(0)
     high = rng.random((2, 30, 41)).astype(np.float16)
     p = crf_probabilities(high, 0.15)

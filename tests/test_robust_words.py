@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from vwe.model.words import encode_words
+from vwe.nets.words import encode_words
 
 
 def test_double_inputs_keep_double_precision():

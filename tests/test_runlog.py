@@ -7,7 +7,7 @@ import sys
 
 from test_train import ok, run_train
 
-from vwe.runlog import run_log
+from vwe.runtime.logfile import run_log
 
 STAMP = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 

@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
-from vwe.errors import DataError
-from vwe.skips import Skip, SkipPolicy, unseen_after
+from vwe.runtime.errors import DataError
+from vwe.runtime.skips import Skip, SkipPolicy, unseen_after
 
 
 def test_error_mode_raises_the_samples_message():
@@ -53,7 +53,7 @@ def test_window_is_read_once_per_period():
 def test_log_lines_are_rate_limited(caplog):
     now = [0.0]
     policy = SkipPolicy("skip", log_first=3, log_every_s=10.0, clock=lambda: now[0])
-    with caplog.at_level(logging.WARNING, logger="vwe.skips"):
+    with caplog.at_level(logging.WARNING, logger="vwe.runtime.skips"):
         for i in range(50):  # 50 skips within one second
             now[0] = i / 50
             policy.skip(f"id{i:02d}", f"sample 'id{i:02d}': broken")

@@ -184,7 +184,7 @@ def test_corrupt_samples_skipped_counted_over_ranks(synthetic_shards, tmp_path):
 
 
 def test_precision_auto_follows_the_device(synthetic_shards, tmp_path):
-    from vwe.device import native_bf16
+    from vwe.runtime.device import native_bf16
     run = tmp_path / "run"
     proc = ok(run_train(1, synthetic_shards, run, "train.max_steps=2", "train.mixed_precision=auto"))
     expected = "bf16" if native_bf16(torch.device("cpu")) else "no"

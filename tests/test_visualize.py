@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vwe.visualize import BAR_H, BAR_PAD, LABEL_H, TILE, heat_colours, picture_grid, picture_tiles
+from vwe.report.visualize import BAR_H, BAR_PAD, LABEL_H, TILE, heat_colours, picture_grid, picture_tiles
 
 
 def _row(keys: list[int], size=(320, 320)):

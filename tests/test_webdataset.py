@@ -16,13 +16,13 @@ import webdataset as wds
 
 from conftest import REPO, TINY, run_vwe
 from data_helpers import demo_cfg, samples_of
-from vwe.cam_io import read_cam
-from vwe.checkpoint import FINAL_WEIGHTS_NAME
+from vwe.formats.cams import read_cam
+from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME
 from vwe.data.loader import infer_samples, train_batches
 from vwe.data.shards import ShardInfo, iter_shard, load_index, prepare, write_index
 from vwe.data.synthetic import write_dataset
-from vwe.errors import DataError
-from vwe.io import file_sha256
+from vwe.runtime.errors import DataError
+from vwe.runtime.files import file_sha256
 
 
 @pytest.fixture(scope="module")

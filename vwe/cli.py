@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from vwe.config import Config, load_config
-from vwe.errors import VweError
+from vwe.formats.config import Config, load_config
+from vwe.runtime.errors import VweError
 
 
 DESCRIPTION = """\
@@ -48,30 +48,30 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from vwe.train import train
+    from vwe.training.trainer import train
     return train(cfg) or 0
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from vwe.infer import infer
+    from vwe.stages.infer import infer
     return infer(cfg) or 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from vwe.evaluate import evaluate
+    from vwe.stages.evaluate import evaluate
     return evaluate(cfg, sweep=args.sweep) or 0
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from vwe.refine import refine
+    from vwe.stages.refine import refine
     return refine(cfg) or 0
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
-    from vwe.import_weights import import_weights
+    from vwe.tools.import_weights import import_weights
     import_weights(args.source, Path(args.file), Path(args.out),
                    codebook=Path(args.codebook) if args.codebook else None)
     return 0
@@ -79,29 +79,29 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from vwe.pipeline import run_pipeline
+    from vwe.stages.pipeline import run_pipeline
     return run_pipeline(cfg) or 0
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from vwe.visualize import visualize
+    from vwe.report.visualize import visualize
     visualize(cfg, ids=args.ids, out=Path(args.out))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vwe.demo import run_demo
+    from vwe.tools.demo import run_demo
     return run_demo(Path(args.workdir), processes=args.processes) or 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from vwe.doctor import doctor
+    from vwe.tools.doctor import doctor
     return doctor(timeout_s=args.timeout, hold_s=args.hold) or 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from vwe.configdoc import keys_table, render_config
+    from vwe.formats.configdoc import keys_table, render_config
     if args.action == "show":
         if not args.config:
             raise VweError("vwe config show needs --config FILE")
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from vwe.runlog import quiet_third_party, run_log
+    from vwe.runtime.logfile import quiet_third_party, run_log
     quiet_third_party()
     with run_log(_run_dir(args) if args.command in LOGGED_COMMANDS else None, args.command):
         try:
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_process_group() -> None:
     """Tear the process group down before exit: left to interpreter shutdown, its threads can abort the
-    process ("terminate called without an active exception"; vwe/dist.py, import_before_group)."""
+    process ("terminate called without an active exception"; vwe/runtime/dist.py, import_before_group)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

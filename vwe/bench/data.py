@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from vwe.data.loader import steps_per_epoch, train_batches
 from vwe.data.shards import load_index, read_shard
 from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, resize_uint8, scaled_size, to_tensor
-from vwe.errors import VweError
-from vwe.io import atomic_write
+from vwe.runtime.errors import VweError
+from vwe.runtime.files import atomic_write
 
 
 def _first_jpegs(cfg, n: int) -> list[tuple[str, bytes]]:

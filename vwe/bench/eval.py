@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vwe.cam_io import CamRecord, write_cam
-from vwe.config import Config
+from vwe.formats.cams import CamRecord, write_cam
+from vwe.formats.config import Config
 from vwe.data.loader import infer_samples
 
 
@@ -34,7 +34,7 @@ def write_random_cams(cfg: Config, out: Path, seed: int = 0) -> int:
 
 
 def run(cfg: Config, args) -> int:
-    from vwe.evaluate import evaluate
+    from vwe.stages.evaluate import evaluate
     with tempfile.TemporaryDirectory() as tmp:
         cfg = copy.deepcopy(cfg)
         cfg.infer.out_dir = str(Path(tmp) / "cams")

@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vwe.cam_io import CamRecord, write_cam
-from vwe.config import Config
+from vwe.formats.cams import CamRecord, write_cam
+from vwe.formats.config import Config
 from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_pair
-from vwe.device import autocast as device_autocast, synchronize
-from vwe.errors import VweError
-from vwe.infer import keep_positive, multiscale_cams
-from vwe.model.backbone import FROZEN_NORMS, fold_frozen_bn
+from vwe.runtime.device import autocast as device_autocast, synchronize
+from vwe.runtime.errors import VweError
+from vwe.stages.infer import keep_positive, multiscale_cams
+from vwe.nets.backbone import FROZEN_NORMS, fold_frozen_bn
 from vwe.bench.train import peak_tflops
-from vwe.model.net import build_model
+from vwe.nets.cam import build_model
 
 
 def _images(n: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:

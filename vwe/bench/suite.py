@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from vwe.config import Config, save_config
-from vwe.device import native_bf16, resolve_precision
-from vwe.errors import VweError
-from vwe.io import atomic_write
+from vwe.formats.config import Config, save_config
+from vwe.runtime.device import native_bf16, resolve_precision
+from vwe.runtime.errors import VweError
+from vwe.runtime.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from vwe.config import Config, load_config, save_config
+from vwe.formats.config import Config, load_config, save_config
 from vwe.data.transforms import normalize
-from vwe.device import autocast, peak_memory_mib, synchronize
-from vwe.errors import VweError
+from vwe.runtime.device import autocast, peak_memory_mib, synchronize
+from vwe.runtime.errors import VweError
 
 # --compare NAME: variants as (label, {section: {field: value}}) applied to the loaded config
 COMPARISONS: dict[str, list[tuple[str, dict[str, dict]]]] = {

@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vwe.data.shards import RawSample, SplitIndex, load_index, read_shard, remember_members, verify_shards
 from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
-from vwe.errors import DataError, VweError
-from vwe.preempt import PREEMPT_SIGNALS
-from vwe.skips import Skip, SkipPolicy
+from vwe.runtime.errors import DataError, VweError
+from vwe.runtime.preempt import PREEMPT_SIGNALS
+from vwe.runtime.skips import Skip, SkipPolicy
 
 _ERROR = "__vwe_data_error__"
 

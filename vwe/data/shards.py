@@ -31,9 +31,9 @@ from urllib.request import url2pathname
 from PIL import Image
 
 from vwe.data import voc as vocdata
-from vwe.errors import DataError
-from vwe.preempt import PREEMPT_SIGNALS
-from vwe.io import atomic_write, file_sha256
+from vwe.runtime.errors import DataError
+from vwe.runtime.preempt import PREEMPT_SIGNALS
+from vwe.runtime.files import atomic_write, file_sha256
 
 INDEX_VERSION = 1
 SPLITS = ("train_aug", "train", "val")

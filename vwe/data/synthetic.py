@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from vwe.io import atomic_write
+from vwe.runtime.files import atomic_write
 from vwe.data.voc import CLASS_NAMES, IGNORE_INDEX, encode_mask
 
 # Default classes (VOC indices): aeroplane, bus, cat, dog, person. Few and clearly coloured, so a small

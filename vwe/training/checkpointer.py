@@ -13,11 +13,11 @@ from pathlib import Path
 
 from accelerate.utils import DistributedType
 
-from vwe.checkpoint import (FINAL_WEIGHTS_NAME, check_compatible, complete_checkpoints, export_weights,
+from vwe.formats.checkpoint import (FINAL_WEIGHTS_NAME, check_compatible, complete_checkpoints, export_weights,
                             first_nonfinite, quarantine_diverged, read_meta, save_checkpoint, select_checkpoint)
-from vwe.config import Config
-from vwe.dist import collective_call, gather_objects
-from vwe.errors import CheckpointError, VweError
+from vwe.formats.config import Config
+from vwe.runtime.dist import collective_call, gather_objects
+from vwe.runtime.errors import CheckpointError, VweError
 from vwe.training.drift import Change, config_changes
 from vwe.training.setup import Parts, TrainState
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vwe.device import peak_memory_mib
-from vwe.dist import reduce_sum
-from vwe.io import atomic_write
+from vwe.runtime.device import peak_memory_mib
+from vwe.runtime.dist import reduce_sum
+from vwe.runtime.files import atomic_write
 from vwe.training.setup import Parts, TrainState
 
 METRICS_NAME = "metrics.jsonl"
@@ -93,7 +93,7 @@ class TrainLogger:
             if self.cfg.output.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1 if resumed else None)
-                from vwe.configdoc import render_config
+                from vwe.formats.configdoc import render_config
                 # four-space indent: TensorBoard renders text as markdown
                 self.tb.add_text("config", "".join(f"    {line}\n" for line in render_config(self.cfg).splitlines()),
                                  state.step)

@@ -11,11 +11,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 from torch.optim.lr_scheduler import LambdaLR
 
-from vwe.config import Config, ConfigError, ModelConfig
-from vwe.dist import import_before_group
+from vwe.formats.config import Config, ConfigError, ModelConfig
+from vwe.runtime.dist import import_before_group
 from vwe.data.loader import micro_batch_size, steps_per_epoch
-from vwe.device import native_bf16, precision_note, resolve_precision
-from vwe.model.net import VWENet, build_model, param_groups
+from vwe.runtime.device import native_bf16, precision_note, resolve_precision
+from vwe.nets.cam import VWENet, build_model, param_groups
 
 
 @dataclass

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from vwe.data.transforms import normalize
-from vwe.device import synchronize
+from vwe.runtime.device import synchronize
 from vwe.training.setup import Parts
 
 

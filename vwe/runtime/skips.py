@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from vwe.errors import DataError
+from vwe.runtime.errors import DataError
 
 T = TypeVar("T")
-log = logging.getLogger("vwe.skips")
+log = logging.getLogger("vwe.runtime.skips")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from vwe.errors import VweError
+from vwe.runtime.errors import VweError
 
 
 _CAUSES = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",

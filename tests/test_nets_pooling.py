@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from vwe.errors import VweError
-from vwe.model.pooling import hybrid_pyramid_pool
+from vwe.runtime.errors import VweError
+from vwe.nets.pooling import hybrid_pyramid_pool
 
 
 def hspp_loop(x: torch.Tensor, levels, gamma: float) -> torch.Tensor:

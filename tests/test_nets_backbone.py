@@ -7,8 +7,8 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from vwe.errors import CheckpointError
-from vwe.model.backbone import (Backbone, FrozenBatchNorm2d, build_backbone, fold_frozen_bn,
+from vwe.runtime.errors import CheckpointError
+from vwe.nets.backbone import (Backbone, FrozenBatchNorm2d, build_backbone, fold_frozen_bn,
                                 imagenet_weights_file)
 
 

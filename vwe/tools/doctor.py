@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from vwe.errors import VweError
-from vwe.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
+from vwe.runtime.errors import VweError
+from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
 
 TIMEOUT_EXIT_CODE = 3
 
@@ -70,7 +70,7 @@ def doctor(timeout_s: float, hold_s: float = 0.0) -> int:
     stage = ["joining the process group"]
     timer = _watchdog(timeout_s, stage)
     try:
-        from vwe.dist import distributed_state
+        from vwe.runtime.dist import distributed_state
 
         state = distributed_state(timeout=datetime.timedelta(seconds=timeout_s))
         rank, world = state.process_index, state.num_processes

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from vwe.config import Config, save_config
+from vwe.formats.config import Config, save_config
 from vwe.data.loader import train_batches
-from vwe.dist import collective_call, gather_objects, reduce_sum
-from vwe.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
-from vwe.runlock import RunLock
-from vwe.skips import SkipPolicy
+from vwe.runtime.dist import collective_call, gather_objects, reduce_sum
+from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
+from vwe.runtime.lock import RunLock
+from vwe.runtime.skips import SkipPolicy
 from vwe.training.checkpointer import Checkpointer, choose_checkpoint
 from vwe.training.logger import TrainLogger
 from vwe.training.setup import TrainState, build_parts, make_accelerator

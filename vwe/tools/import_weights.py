@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vwe.checkpoint import export_weights
-from vwe.config import Config, load_config, repo_configs_dir
-from vwe.errors import CheckpointError
+from vwe.formats.checkpoint import export_weights
+from vwe.formats.config import Config, load_config, repo_configs_dir
+from vwe.runtime.errors import CheckpointError
 
 SOURCES = ("vwe-2021", "vwl-l", "vwl-m")
 # The heads in the order of the published network's `newly_added` list.
@@ -196,7 +196,7 @@ def convert(state: dict[str, torch.Tensor], source: str, model_state: dict[str, 
 def import_weights(source: str, path: Path, out: Path, codebook: Path | None = None) -> str:
     """Convert `path` (an authors' .pth of `source`) into `out` (.safetensors with the recipe's config);
     returns the new file's SHA-256."""
-    from vwe.model.net import build_model
+    from vwe.nets.cam import build_model
     cfg = recipe_config(source)
     state = read_authors_file(path)
     with warnings.catch_warnings():  # the frozen-BatchNorm-without-pretraining warning: weights come next

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vwe.checkpoint import FINAL_WEIGHTS_NAME, load_weights
-from vwe.config import Config
-from vwe.dist import distributed_state
+from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, load_weights
+from vwe.formats.config import Config
+from vwe.runtime.dist import distributed_state
 
 
 def training_done(cfg: Config) -> bool:
@@ -19,9 +19,9 @@ def training_done(cfg: Config) -> bool:
 
 
 def run_pipeline(cfg: Config, sweep: bool = True) -> int:
-    from vwe.evaluate import evaluate
-    from vwe.infer import infer
-    from vwe.train import train
+    from vwe.stages.evaluate import evaluate
+    from vwe.stages.infer import infer
+    from vwe.training.trainer import train
 
     state = distributed_state()
     if training_done(cfg):

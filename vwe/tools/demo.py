@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from vwe.config import load_config, repo_configs_dir
-from vwe.errors import VweError
+from vwe.formats.config import load_config, repo_configs_dir
+from vwe.runtime.errors import VweError
 
 DEMO_TRAIN, DEMO_VAL, DEMO_SIZE = 320, 48, 128
 
@@ -51,7 +51,7 @@ def run_demo(workdir: Path, processes: int = 0) -> int:
     if code:
         return code
 
-    from vwe.visualize import visualize
+    from vwe.report.visualize import visualize
     cfg = load_config(config, overrides)
     ids = sorted(p.stem for p in (run / "cams").glob("*.npz"))[:3]
     pictures = run / "eval" / "pictures"

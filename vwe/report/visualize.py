@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vwe.cam_io import cam_dir_for, read_cam
-from vwe.config import Config
+from vwe.formats.cams import cam_dir_for, read_cam
+from vwe.formats.config import Config
 from vwe.data.loader import infer_samples
 from vwe.data.shards import load_index
 from vwe.data.voc import CLASS_NAMES, voc_palette
-from vwe.errors import DataError
-from vwe.io import atomic_write
-from vwe.miou import cam_to_label, mask_value_problem
+from vwe.runtime.errors import DataError
+from vwe.runtime.files import atomic_write
+from vwe.report.miou import cam_to_label, mask_value_problem
 
 TILE = 160
 LABEL_H = 14

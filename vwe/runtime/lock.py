@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from vwe.errors import VweError
-from vwe.io import writing
+from vwe.runtime.errors import VweError
+from vwe.runtime.files import writing
 
 LOCK_NAME = ".lock"
 

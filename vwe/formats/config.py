@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from vwe.errors import VweError
+from vwe.runtime.errors import VweError
 
 
 class ConfigError(VweError):
@@ -370,10 +370,10 @@ def config_from_dict(tree: dict, src: str = "dict") -> Config:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from vwe.io import atomic_write
+    from vwe.runtime.files import atomic_write
     atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config")
 
 
 def repo_configs_dir() -> Path:
     """The shipped configs/ folder (next to the package in a checkout or the container image)."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    return Path(__file__).resolve().parents[2] / "configs"

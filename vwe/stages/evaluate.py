@@ -15,17 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from vwe.board import log_evaluation
-from vwe.cam_io import cam_dir_for, cams_by_weights, read_cam_for
-from vwe.config import Config
+from vwe.report.board import log_evaluation
+from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
+from vwe.formats.config import Config
 from vwe.data.loader import infer_ranges, infer_samples
 from vwe.data.shards import load_index
-from vwe.dist import all_reduce_sum, distributed_state, gather_objects
-from vwe.errors import CheckpointError, DataError, id_listing, problem_list
-from vwe.io import atomic_write, file_sha256
-from vwe.miou import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
+from vwe.runtime.dist import all_reduce_sum, distributed_state, gather_objects
+from vwe.runtime.errors import CheckpointError, DataError, id_listing, problem_list
+from vwe.runtime.files import atomic_write, file_sha256
+from vwe.report.miou import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
                          mask_value_problem, mean_iou, pixel_accuracy, sweep_histogram, sweep_thresholds)
-from vwe.skips import SkipPolicy, unseen_after
+from vwe.runtime.skips import SkipPolicy, unseen_after
 
 NUM_LABELS = 21  # background + 20 VOC classes
 
@@ -35,7 +35,7 @@ def expected_weights(cfg: Config) -> tuple[Path, str] | None:
     eval.cams names a folder to score as it is."""
     if cfg.eval.cams:
         return None
-    from vwe.infer import weights_path  # torch and the model only when matching
+    from vwe.stages.infer import weights_path  # torch and the model only when matching
     try:
         path = weights_path(cfg)
     except CheckpointError as e:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vwe.config import Config
-from vwe.miou import SHORT_NAMES
+from vwe.formats.config import Config
+from vwe.report.miou import SHORT_NAMES
 
 PICTURES = 4  # images shown per evaluation
 
@@ -42,11 +42,11 @@ def log_evaluation(cfg: Config, report: dict, cam_dir: Path) -> None:
 
 def _pictures(cfg: Config, cam_dir: Path) -> list[tuple[str, np.ndarray]]:
     """Picture rows (image, ground truth, CAMs, prediction) of the first images that have a CAM."""
-    from vwe.cam_io import read_cam
-    from vwe.errors import DataError
-    from vwe.miou import mask_value_problem
+    from vwe.formats.cams import read_cam
+    from vwe.runtime.errors import DataError
+    from vwe.report.miou import mask_value_problem
     from vwe.data.loader import infer_samples
-    from vwe.visualize import picture_row
+    from vwe.report.visualize import picture_row
     rows = []
     samples = infer_samples(cfg, 0, 1, with_scales=False)
     try:

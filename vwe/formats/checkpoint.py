@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from vwe.dist import collective_call
-from vwe.errors import CheckpointError
-from vwe.io import atomic_write, commit_dir, file_sha256, writing
+from vwe.runtime.dist import collective_call
+from vwe.runtime.errors import CheckpointError
+from vwe.runtime.files import atomic_write, commit_dir, file_sha256, writing
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 META = "meta.json"

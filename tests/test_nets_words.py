@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vwe.model.words import (LearnedCodebook, MemoryBankCodebook, assigned_means, decorrelation_loss,
+from vwe.nets.words import (LearnedCodebook, MemoryBankCodebook, assigned_means, decorrelation_loss,
                              encode_words)
 
 

@@ -22,21 +22,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vwe.cam_io import CamRecord, cam_dir_for, export_legacy, read_cam, write_cam
-from vwe.checkpoint import FINAL_WEIGHTS_NAME, META, check_compatible, load_weights, read_meta
-from vwe.config import Config, ModelConfig, config_from_dict
+from vwe.formats.cams import CamRecord, cam_dir_for, export_legacy, read_cam, write_cam
+from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, META, check_compatible, load_weights, read_meta
+from vwe.formats.config import Config, ModelConfig, config_from_dict
 from vwe.data.loader import infer_ranges, infer_samples
 from vwe.data.shards import load_index
 from vwe.data.transforms import normalize
-from vwe.device import autocast as device_autocast, precision_note, resolve_precision
-from vwe.dist import collective_call, distributed_state, gather_objects
-from vwe.errors import CheckpointError, DataError
-from vwe.io import atomic_write, file_sha256
-from vwe.model.backbone import FROZEN_NORMS, fold_frozen_bn
-from vwe.model.net import build_model
-from vwe.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
-from vwe.runlock import RunLock
-from vwe.skips import SkipPolicy, unseen_after
+from vwe.runtime.device import autocast as device_autocast, precision_note, resolve_precision
+from vwe.runtime.dist import collective_call, distributed_state, gather_objects
+from vwe.runtime.errors import CheckpointError, DataError
+from vwe.runtime.files import atomic_write, file_sha256
+from vwe.nets.backbone import FROZEN_NORMS, fold_frozen_bn
+from vwe.nets.cam import build_model
+from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
+from vwe.runtime.lock import RunLock
+from vwe.runtime.skips import SkipPolicy, unseen_after
 
 
 WEIGHTS_FILE = "model.safetensors"  # in <run_dir>/final/ and in each training checkpoint folder

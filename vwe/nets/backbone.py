@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from vwe.errors import CheckpointError, VweError
+from vwe.runtime.errors import CheckpointError, VweError
 
 log = logging.getLogger(__name__)
 

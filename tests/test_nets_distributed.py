@@ -18,9 +18,9 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
-        from vwe.config import load_config
-        from vwe.model.net import build_model, param_groups
-        from vwe.model.words import MemoryBankCodebook, encode_words
+        from vwe.formats.config import load_config
+        from vwe.nets.cam import build_model, param_groups
+        from vwe.nets.words import MemoryBankCodebook, encode_words
 
         # 1. the codebook module alone, with features that differ per rank in content and shape, and a
         #    different random start per rank: rank 0's random start wins, then rank 0's draw over the
@@ -93,7 +93,7 @@ def _reference_update(book, batches, rho):
 
 @pytest.mark.multiprocess
 def test_memory_bank_identical_across_ranks(tmp_path):
-    from vwe.model.words import encode_words
+    from vwe.nets.words import encode_words
     mp.spawn(_worker, args=(WORLD, str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
     # the ranks saw different data

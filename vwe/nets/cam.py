@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vwe.model.backbone import Backbone, LoadReport, build_backbone
-from vwe.model.pooling import hybrid_pyramid_pool
-from vwe.model.words import LearnedCodebook, MemoryBankCodebook, encode_words
+from vwe.nets.backbone import Backbone, LoadReport, build_backbone
+from vwe.nets.pooling import hybrid_pyramid_pool
+from vwe.nets.words import LearnedCodebook, MemoryBankCodebook, encode_words
 
 POOLINGS = ("hspp", "gap")
 
@@ -115,7 +115,7 @@ class VWENet(nn.Module):
 
 
 def build_model(mcfg) -> VWENet:
-    """VWENet from a `cfg.model` section (vwe.config.ModelConfig)."""
+    """VWENet from a `cfg.model` section (vwe.formats.config.ModelConfig)."""
     backbone, report = build_backbone(mcfg.backbone, pretrained=mcfg.pretrained, norm=mcfg.norm,
                                       detach_stage2=mcfg.detach_stage2,
                                       grad_checkpointing=mcfg.grad_checkpointing,

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from vwe.cam_io import cam_dir_for, cams_by_weights, read_cam_for
-from vwe.config import Config, RefineConfig
+from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
+from vwe.formats.config import Config, RefineConfig
 from vwe.data.loader import infer_samples
 from vwe.data.voc import voc_palette
-from vwe.dist import all_reduce_sum, distributed_state, gather_objects
-from vwe.errors import DataError, VweError, problem_list
-from vwe.io import atomic_write, file_sha256
-from vwe.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
+from vwe.runtime.dist import all_reduce_sum, distributed_state, gather_objects
+from vwe.runtime.errors import DataError, VweError, problem_list
+from vwe.runtime.files import atomic_write, file_sha256
+from vwe.report.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
     pixel_accuracy
-from vwe.skips import SkipPolicy
+from vwe.runtime.skips import SkipPolicy
 
 NUM_LABELS = 21  # background + 20 VOC classes
 SOURCE_KEY = "vwe_source"  # PNG text chunk: the CAM's hash and the settings the labels were made with

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from vwe.errors import VweError
+from vwe.runtime.errors import VweError
 
 
 def hybrid_pyramid_pool(x: torch.Tensor, levels: Sequence[int] = (1, 2, 4), gamma: float = 2.0) -> torch.Tensor:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vwe.errors import DataError, id_listing
-from vwe.io import atomic_write
+from vwe.runtime.errors import DataError, id_listing
+from vwe.runtime.files import atomic_write
 
 FIELDS = ("keys", "cam", "high_res")
 HASH_FIELD = "weights_sha256"
@@ -30,7 +30,7 @@ class CamRecord:
 
 
 def write_cam(path: Path, record: CamRecord) -> None:
-    """Write atomically (vwe.io.atomic_write)."""
+    """Write atomically (vwe.runtime.files.atomic_write)."""
     atomic_write(path, lambda f: np.savez(f, keys=np.asarray(record.keys, dtype=np.int64), cam=record.cam,
                                           high_res=record.high_res,
                                           **{HASH_FIELD: np.array(record.weights_sha256)}),

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
-from vwe.errors import VweError
+from vwe.runtime.errors import VweError
 
 
 def use_cpu() -> bool:
