@@ -1,4 +1,5 @@
 """Config: schema, YAML loading, overrides, env expansion and every error path."""
+import os
 from pathlib import Path
 
 import pytest
@@ -83,7 +84,7 @@ def test_unknown_section(tmp_path):
 
 
 def test_unknown_override_names_command_line(tmp_path):
-    p = write(tmp_path, "")
+    p = write(tmp_path, "{}")
     with pytest.raises(ConfigError, match=r"command line: unknown key 'train.lrr'.*'train.lr'"):
         load_config(p, ["train.lrr=0.1"])
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
@@ -178,7 +179,7 @@ def test_non_finite_floats_refused(tmp_path, text, key):
 @pytest.mark.parametrize("override", ["train.momentum=.nan", "eval.bkg=.inf", "train.lr=-.inf",
                                       "infer.scales=[.nan]", "model.memory_rho=nan"])
 def test_non_finite_overrides_refused_by_the_cli(tmp_path, override):
-    p = write(tmp_path, "")
+    p = write(tmp_path, "{}")
     proc = run_vwe("train", "--config", str(p), override, check=False)
     key = override.split("=")[0]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -224,3 +225,93 @@ def test_every_float_field_is_checked_for_finiteness():
                     load_config(None, [f"{section}.{name}={'.nan' if tp is float else '[.nan]'}"])
                 checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("value,text,expected", [
+    ("", "${VWE_T:-fallback}", "fallback"),         # set but empty: `:-` takes the default, as the shell
+    ("", "${VWE_T-fallback}/x", "/x"),              # `-` takes it only when unset
+    (None, "${VWE_T-fallback}/x", "fallback/x"),
+    ("set", "${VWE_T:-fallback}", "set"),
+    (None, "${VWE_T:-${HOME}/x}", "{HOME}/x"),      # a default holding a reference is expanded
+    ("set", "${VWE_T:-${VWE_UNSET_Y}}", "set"),     # a default not used is not looked up (shell semantics)
+    (None, "${VWE_T:-a${VWE_T2:-b}c}d", "abcd"),
+])
+def test_env_defaults_follow_the_shell(tmp_path, monkeypatch, value, text, expected):
+    monkeypatch.delenv("VWE_T", raising=False)
+    monkeypatch.delenv("VWE_T2", raising=False)
+    monkeypatch.delenv("VWE_UNSET_Y", raising=False)
+    if value is not None:
+        monkeypatch.setenv("VWE_T", value)
+    cfg = load_config(write(tmp_path, f"data:\n  root: {text}\n"))
+    assert cfg.data.root == expected.replace("{HOME}", os.environ["HOME"])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("${VWE_T", r"unterminated '\$\{VWE_T'"),
+    ("a/${}", r"'\$\{' at character 3 of 'a/\$\{\}' must be followed by a variable name"),
+    ("${1X}", "must be followed by a variable name"),
+    ("${VWE_T:-${HOME}", "unterminated"),
+    ("${VWE_T:?oops}", r"unsupported '\$\{VWE_T:\?'"),
+    ("${VWE_T" + ":-${VWE_T" * 12 + "}" * 13, "nested deeper than 8 levels"),
+])
+def test_malformed_env_references_name_file_and_key(tmp_path, monkeypatch, text, match):
+    monkeypatch.delenv("VWE_T", raising=False)
+    p = write(tmp_path, f"output:\n  run_dir: '{text}'\n")
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(p)
+    assert f"{p}: 'output.run_dir'" in str(e.value)
+
+
+def test_empty_env_value_for_a_folder_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("VWE_SHARDS", "")
+    p = write(tmp_path, "data:\n  root: ${VWE_SHARDS}\n")
+    with pytest.raises(ConfigError, match=r"'data.root' is empty") as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+    proc = run_vwe("config", "show", "--config", str(write(tmp_path, "data:\n  root: ${VWE_SHARDS:-/my/shards}\n")),
+                   env={"VWE_SHARDS": ""})
+    assert "root: /my/shards" in proc.stdout
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_empty_config_file_is_refused(tmp_path, text):
+    p = write(tmp_path, text)
+    proc = run_vwe("train", "--config", str(p), check=False) if text == "" else None
+    with pytest.raises(ConfigError, match="the file is empty") as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+    assert load_config(write(tmp_path, "{}")) == Config()  # all defaults, said explicitly
+    if proc is not None:
+        assert proc.returncode == 2 and f"{p}: the file is empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "lr", "lines 2 and 4"),
+    ("train:\n  lr: 0.1\nmodel: {}\ntrain:\n  epochs: 2\n", "train", "lines 1 and 4"),
+    ("data: {root: a, root: b}\n", "root", "lines 1 and 1"),
+])
+def test_key_given_twice_is_refused(tmp_path, text, key, lines):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: key '{key}' is given twice in one mapping ({lines}); keep one"
+
+
+def test_deeply_nested_config_is_refused_without_traceback(tmp_path):
+    p = write(tmp_path, "model:\n  pool_levels: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"nested deeper than 32 levels \(line 2\)") as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+    proc = run_vwe("train", "--config", str(p), check=False)
+    assert proc.returncode == 2 and "nested deeper than 32 levels" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(ConfigError, match=r"command line: cannot parse value of 'model.pool_levels': nested deeper"):
+        load_config(None, ["model.pool_levels=" + "[" * 5000 + "]" * 5000])
+
+
+def test_config_path_component_too_long(tmp_path):
+    p = tmp_path / ("x" * 300 + ".yaml")
+    with pytest.raises(ConfigError, match=r"is 305 bytes long, more than the file system allows") as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+    proc = run_vwe("infer", "--config", str(p), check=False)
+    assert proc.returncode == 2 and "305 bytes long" in proc.stderr and "Traceback" not in proc.stderr

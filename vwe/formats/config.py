@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from vwe.runtime.errors import VweError
+from vwe.runtime.files import path_problem
 
 
 class ConfigError(VweError):
@@ -165,19 +166,62 @@ class Config:
 
 
 _SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_ENV_NESTING = 8  # ${A:-${B:-...}} levels
 
 
 def expand_env(value: str, where: str) -> str:
-    """Expand ${VAR} and ${VAR:-default} in a string; an unset variable without default is an error."""
-    def sub(m: re.Match) -> str:
-        name, default = m.group(1), m.group(2)
-        if name in os.environ:
-            return os.environ[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"{where}: environment variable ${{{name}}} is not set")
-    return _ENV.sub(sub, value)
+    """Expand ${VAR}, ${VAR:-default} (default when unset or empty, as the shell's `:-`) and ${VAR-default}
+    (default only when unset) in a string; defaults may hold references themselves. An unset variable
+    without a default, and any other `${` (no name, no closing brace, another operator), is a ConfigError."""
+    text, _ = _expand(value, 0, 0, where, evaluate=True, nested=False)
+    return text
+
+
+def _expand(text: str, pos: int, depth: int, where: str, evaluate: bool, nested: bool) -> tuple[str, int]:
+    """Expand from `pos` to the end (or, when `nested`, to the `}` closing a default); returns the text and
+    the position after it. With `evaluate` false the syntax is checked but nothing is looked up (the
+    default of a variable that is set is never used, as in the shell)."""
+    out: list[str] = []
+    while pos < len(text):
+        c = text[pos]
+        if nested and c == "}":
+            return "".join(out), pos + 1
+        if c == "$" and text.startswith("{", pos + 1):
+            value, pos = _reference(text, pos, depth, where, evaluate)
+            out.append(value)
+        else:
+            out.append(c)
+            pos += 1
+    if nested:
+        raise ConfigError(f"{where}: unterminated '${{' in {text!r} (no closing '}}')")
+    return "".join(out), pos
+
+
+def _reference(text: str, start: int, depth: int, where: str, evaluate: bool) -> tuple[str, int]:
+    """The value of the reference `${...}` starting at `start`, and the position after it."""
+    m = _NAME.match(text, start + 2)
+    if m is None:
+        raise ConfigError(f"{where}: '${{' at character {start + 1} of {text!r} must be followed by a variable "
+                          f"name: write ${{NAME}}, ${{NAME:-default}} or ${{NAME-default}}")
+    name, pos = m.group(), m.end()
+    if pos >= len(text):
+        raise ConfigError(f"{where}: unterminated '${{{name}' in {text!r} (no closing '}}')")
+    is_set = name in os.environ
+    if text[pos] == "}":
+        if evaluate and not is_set:
+            raise ConfigError(f"{where}: environment variable ${{{name}}} is not set")
+        return os.environ.get(name, ""), pos + 1
+    op = ":-" if text.startswith(":-", pos) else "-" if text[pos] == "-" else None
+    if op is None:
+        raise ConfigError(f"{where}: unsupported '${{{name}{text[pos:pos + 2]}' in {text!r}: write ${{NAME}}, "
+                          f"${{NAME:-default}} or ${{NAME-default}}")
+    if depth >= MAX_ENV_NESTING:
+        raise ConfigError(f"{where}: environment references nested deeper than {MAX_ENV_NESTING} levels in "
+                          f"{text[:80]!r}")
+    use_default = not is_set or (op == ":-" and os.environ[name] == "")
+    default, pos = _expand(text, pos + len(op), depth + 1, where, evaluate and use_default, nested=True)
+    return (default if use_default else os.environ[name]), pos
 
 
 def _type_name(tp: Any) -> str:
@@ -276,6 +320,9 @@ def _build(cls: type, data: Any, prefix: str, src: str) -> Any:
 
 def _validate(cfg: Config, src: str) -> None:
     """Cross-field checks that a single field's range cannot express."""
+    for key, value in (("data.root", cfg.data.root), ("output.run_dir", cfg.output.run_dir)):
+        if not value.strip():
+            raise ConfigError(f"{src}: '{key}' is empty (an environment variable set to ''?); it names a folder")
     lo_hi = cfg.data.long_side
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
         raise ConfigError(f"{src}: 'data.long_side' must be [lo, hi] with 0 < lo <= hi, got {lo_hi}")
@@ -300,9 +347,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"command line: override {text!r} has no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"command line: cannot parse value of '{key}': {e}") from None
+        value = parse_yaml(raw, "command line") if raw.strip() else ""
+    except ConfigError as e:
+        raise ConfigError(f"command line: cannot parse value of '{key}': {str(e).removeprefix('command line: ')}") \
+            from None
     return key, value
 
 
@@ -317,29 +365,81 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+MAX_YAML_DEPTH = 32  # sections, keys and lists need 3; the composer recurses per level
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # unhashable key: construct_mapping below reports it
+            if first is not None:
+                raise ConfigError(f"key {key!r} is given twice in one mapping (lines {first.start_mark.line + 1} "
+                                  f"and {key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_depth(text: str) -> None:
+    """Refuse nesting deeper than MAX_YAML_DEPTH before composing (the parser is iterative, the composer
+    recursive: a 5000-deep list would end in a RecursionError)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"nested deeper than {MAX_YAML_DEPTH} levels (line {event.start_mark.line + 1}); "
+                                  f"a config is sections of keys")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A YAML document read safely: no duplicate keys, bounded nesting; ConfigError prefixed by `where`."""
+    try:
+        _check_depth(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:  # not expected past _check_depth; never a traceback
+        raise ConfigError(f"{where}: nested too deeply to read") from None
+
+
+def _read_config_file(p: Path) -> dict:
+    """The mapping a config file holds; ConfigError naming the file for everything else."""
+    try:
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason}); "
+                          f"a config is a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path_problem(p, e)} (config file)") from None
+    loaded = parse_yaml(text, str(p))
+    if loaded is None:
+        raise ConfigError(f"{p}: the file is empty (or only comments): a config sets at least one section; "
+                          f"write '{{}}' for all defaults")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (or the defaults when path is None), apply overrides, validate strictly."""
     tree: dict = {}
     src = "defaults"
     if path is not None:
         src = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            text = p.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason}); "
-                              f"a config is a YAML file") from None
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        tree = loaded if loaded is not None else {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(tree).__name__}")
+        tree = _read_config_file(Path(path))
     cfg = _build(Config, tree, "", src)
     if overrides:
         over: dict = {}

@@ -28,6 +28,38 @@ class WriteError(VweError):
     """An output could not be written (read-only or full file system, permissions)."""
 
 
+def long_component(path: str | os.PathLike) -> str | None:
+    """The first component of `path` longer than the file system allows (NAME_MAX, 255 on Linux), or None."""
+    limit = 255
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        limit = os.pathconf(_existing_parent(Path(path)), "PC_NAME_MAX")
+    return next((part for part in Path(path).parts if len(os.fsencode(part)) > limit), None)
+
+
+def _existing_parent(path: Path) -> Path:
+    for parent in [path, *path.parents]:
+        with contextlib.suppress(OSError):
+            if parent.is_dir():
+                return parent
+    return Path(".")
+
+
+def os_cause(e: OSError, path: str | os.PathLike) -> str:
+    """Why an OS call on `path` failed, in words (the too-long component named)."""
+    if e.errno == errno.ENAMETOOLONG:
+        part = long_component(path)
+        if part is not None:
+            return (f"the name {part[:40]!r}... is {len(os.fsencode(part))} bytes long, more than the file system "
+                    f"allows for one path component (255)")
+        return "the path is longer than the file system allows"
+    return _CAUSES.get(e.errno, e.strerror or str(e))
+
+
+def path_problem(path: str | os.PathLike, e: OSError) -> str:
+    """`cannot use PATH: CAUSE`, for an OSError raised on `path`."""
+    return f"cannot use {path}: {os_cause(e, path)}"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()
@@ -58,7 +90,7 @@ def writing(path: str | os.PathLike, what: str = "output") -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise WriteError(f"cannot write {what} {path}: {_CAUSES.get(e.errno, e.strerror)}") from e
+        raise WriteError(f"cannot write {what} {path}: {os_cause(e, path)}") from e
     except Exception as e:
         # serializers (torch.save, safetensors) wrap the OS error in their own exception types
         found = [text for code, text in _CAUSES.items() if os.strerror(code) in str(e)]
