@@ -19,16 +19,16 @@ from vwe.formats.cams import read_cam
 from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, export_weights
 from vwe.formats.config import load_config
 from vwe.data.loader import infer_samples
-from vwe.stages.infer import SizeBatcher
+from vwe.stages.perimage import GroupBatcher
 from vwe.nets.cam import build_model
 
 DEMO = REPO / "configs" / "demo.yaml"
 
 
-def test_size_batcher_never_holds_more_than_a_batch():
+def test_group_batcher_never_holds_more_than_a_batch():
     rng = np.random.default_rng(0)
     sizes = [tuple(int(v) for v in rng.integers(40, 44, 2)) for _ in range(200)]  # 16 sizes, mixed order
-    batcher = SizeBatcher(3)
+    batcher = GroupBatcher(3)
     out = []
     for i, size in enumerate(sizes):
         for group in batcher.add(size, {"i": i, "size": size}):
@@ -38,7 +38,7 @@ def test_size_batcher_never_holds_more_than_a_batch():
     out.extend(batcher.drain())
     assert batcher.pending == 0 and batcher.max_pending == 3
     assert sorted(s["i"] for g in out for s in g) == list(range(200))  # every image exactly once
-    one = SizeBatcher(1)
+    one = GroupBatcher(1)
     assert [len(one.add((i, i), {"i": i})) for i in range(5)] == [1] * 5 and one.max_pending == 1
 
 

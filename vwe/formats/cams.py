@@ -7,6 +7,8 @@ tools read (with `cam` a torch tensor, as they expect).
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +31,15 @@ class CamRecord:
     weights_sha256: str     # SHA-256 of the weights file that produced it
 
 
+def cam_writer(record: CamRecord) -> Callable[[BinaryIO], None]:
+    """Writes the record's .npz to an open binary file (what atomic_write takes)."""
+    return lambda f: np.savez(f, keys=np.asarray(record.keys, dtype=np.int64), cam=record.cam,
+                              high_res=record.high_res, **{HASH_FIELD: np.array(record.weights_sha256)})
+
+
 def write_cam(path: Path, record: CamRecord) -> None:
     """Write atomically (vwe.runtime.files.atomic_write)."""
-    atomic_write(path, lambda f: np.savez(f, keys=np.asarray(record.keys, dtype=np.int64), cam=record.cam,
-                                          high_res=record.high_res,
-                                          **{HASH_FIELD: np.array(record.weights_sha256)}),
-                 "CAM file")
+    atomic_write(path, cam_writer(record), "CAM file")
 
 
 def read_cam(path: Path, num_classes: int = 20) -> CamRecord:

@@ -1,42 +1,36 @@
 """Multi-scale + flip CAM inference (docs/method.md), each rank on a disjoint part of the split.
 
 Only the CAM path runs (backbone + classifier). Images of equal size are batched with their flips; at
-most infer.batch_size images wait in memory, however many distinct sizes the split has.
-One `<id>.npz` per image is written atomically; a re-run skips images already done with the same
-weights; every rank records what it wrote, and from which weights, in a manifest.
+most infer.batch_size images wait in memory, however many distinct sizes the split has. The per-image
+pass (vwe/stages/perimage.py) writes one `<id>.npz` per image, skips images already done with the same
+weights and keeps the manifests.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-import json
 import sys
-import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from vwe.formats.cams import CamRecord, cam_dir_for, export_legacy, read_cam, write_cam
+from vwe.data.loader import infer_samples
+from vwe.data.transforms import normalize
+from vwe.formats.cams import CamRecord, cam_dir_for, cam_writer, export_legacy, read_cam
 from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, META, check_compatible, load_weights, read_meta
 from vwe.formats.config import Config, ModelConfig, config_from_dict
-from vwe.data.loader import infer_ranges, infer_samples
-from vwe.data.shards import load_index
-from vwe.data.transforms import normalize
-from vwe.runtime.device import autocast as device_autocast, precision_note, resolve_precision
-from vwe.runtime.dist import collective_call, distributed_state, gather_objects
-from vwe.runtime.errors import CheckpointError, DataError
-from vwe.runtime.files import atomic_write, file_sha256
 from vwe.nets.backbone import FROZEN_NORMS, fold_frozen_bn
 from vwe.nets.cam import build_model
-from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
-from vwe.runtime.lock import RunLock
-from vwe.runtime.skips import SkipPolicy, unseen_after
+from vwe.runtime.device import autocast as device_autocast, precision_note, resolve_precision
+from vwe.runtime.dist import distributed_state
+from vwe.runtime.errors import CheckpointError
+from vwe.runtime.files import file_sha256
+from vwe.runtime.skips import SkipPolicy
+from vwe.stages.perimage import ImageWork, Output, run_per_image
 
 
 WEIGHTS_FILE = "model.safetensors"  # in <run_dir>/final/ and in each training checkpoint folder
@@ -141,48 +135,59 @@ def keep_positive(cam: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, 
     return keys.cpu().numpy().astype(np.int64), kept
 
 
-class SizeBatcher:
-    """Images waiting for a forward, grouped by size, never more than `batch_size` in all.
+class CamWork(ImageWork):
+    """Multi-scale + flip CAMs of one group of equal-size images (the per-image part of `vwe infer`)."""
+    name, what, suffix = "infer", "CAM", ".npz"
 
-    A group runs when it holds `batch_size` images; an image that would make the waiting images exceed
-    `batch_size` first sends the oldest group(s) to run. So memory is bounded by the batch, whatever the
-    number of distinct sizes (on VOC nearly every image has its own).
-    """
+    def __init__(self, cfg: Config, model: torch.nn.Module, weights_sha256: str, model_cfg: ModelConfig,
+                 precision: str, device: torch.device) -> None:
+        self.cfg, self.model, self.weights_sha256, self.precision = cfg, model, weights_sha256, precision
+        self.device, self.channels_last = device, model_cfg.channels_last
+        self.out_dir, self.split, self.data_root = cam_dir_for(cfg), cfg.data.infer_split, cfg.data.root
+        self.batch_size = cfg.infer.batch_size
+        self.store = np.float16 if cfg.infer.dtype == "float16" else np.float32
+        self.autocast = functools.partial(device_autocast, precision, device)
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self.groups: OrderedDict[tuple[int, int], list[dict]] = OrderedDict()  # oldest group first
-        self.pending = 0
-        self.max_pending = 0
+    def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
+        return infer_samples(self.cfg, rank, world, skips=skips)
 
-    def add(self, size: tuple[int, int], sample: dict) -> list[list[dict]]:
-        """Queue one image; returns the groups to run now, oldest first."""
-        ready = []
-        while self.pending + 1 > self.batch_size:
-            ready.append(self._pop(next(iter(self.groups))))
-        self.groups.setdefault(size, []).append(sample)
-        self.pending += 1
-        self.max_pending = max(self.max_pending, self.pending)
-        if len(self.groups[size]) >= self.batch_size:
-            ready.append(self._pop(size))
-        return ready
+    def batch_key(self, sample: dict) -> tuple[int, int]:
+        return tuple(sample["image"].shape[-2:])
 
-    def drain(self) -> Iterator[list[dict]]:
-        """The remaining groups, oldest first (taken one at a time, so a caller may stop between them)."""
-        while self.groups:
-            yield self._pop(next(iter(self.groups)))
+    def current(self, sample: dict, path: Path) -> tuple[bool, None]:
+        return read_cam(path).weights_sha256 == self.weights_sha256, None
 
-    def _pop(self, size: tuple[int, int]) -> list[dict]:
-        group = self.groups.pop(size)
-        self.pending -= len(group)
-        return group
+    def compute(self, group: list[dict]) -> list[Output]:
+        flip = self.cfg.infer.flip
+        size = tuple(group[0]["image"].shape[-2:])
+        # per scale: the group's images, then (with infer.flip) their flips
+        per_scale = [torch.cat([s["scales"][i][0:1] for s in group] +
+                               ([s["scales"][i][1:2] for s in group] if flip else []))
+                     for i in range(len(group[0]["scales"]))]
+        high, strided = multiscale_cams(self.model, per_scale, size, self.device, self.channels_last,
+                                        self.autocast, flip)
+        if not (torch.isfinite(high).all() and torch.isfinite(strided).all()):
+            keys = ", ".join(s["key"] for s in group)
+            raise CheckpointError(f"weights {weights_path(self.cfg)} give non-finite CAMs for image(s) {keys} "
+                                  f"(infer.mixed_precision={self.cfg.infer.mixed_precision} -> {self.precision}); "
+                                  f"nothing written for them")
+        outputs = []
+        for j, sample in enumerate(group):
+            keys, hr = keep_positive(high[j], sample["labels"])
+            _, st = keep_positive(strided[j], sample["labels"])
+            record = CamRecord(keys, st.cpu().numpy().astype(self.store), hr.cpu().numpy().astype(self.store),
+                               self.weights_sha256)
+            outputs.append(Output(sample["key"], cam_writer(record)))
+        return outputs
 
+    def manifest(self) -> dict:
+        return {"weights": str(weights_path(self.cfg)), "weights_sha256": self.weights_sha256,
+                "mixed_precision": self.precision}
 
-def _range_keys(cfg: Config, rank: int, world: int) -> list[str]:
-    """The ids this rank is given by the loader (infer_samples), from the split's index."""
-    idx = load_index(cfg.data.root, cfg.data.infer_split)
-    lo, hi = infer_ranges(idx.num_samples, world)[rank]
-    return idx.keys[lo:hi]
+    def report(self, parts: list[dict], totals: dict, seconds: float, world: int) -> None:
+        if self.cfg.infer.legacy_dir:
+            n = export_legacy(self.out_dir, Path(self.cfg.infer.legacy_dir))
+            print(f"exported {n} CAMs in the pickled-dict .npy format to {self.cfg.infer.legacy_dir}")
 
 
 def infer(cfg: Config) -> int:
@@ -190,109 +195,9 @@ def infer(cfg: Config) -> int:
     PREEMPT_EXIT_CODE after SIGUSR1/SIGTERM (CAMs written so far are kept and skipped on rerun)."""
     state = distributed_state()
     device = state.device
-    model, weights_hash, model_cfg = load_cam_model(cfg, device)
+    model, weights_sha256, model_cfg = load_cam_model(cfg, device)
     precision = resolve_precision(cfg.infer.mixed_precision, device)
-    lock = RunLock(cfg.output.run_dir, "vwe infer")
-    note = collective_call(lambda: lock.acquire().note, main_only=True)
-    preempt = PreemptionFlag().install()
-    try:
-        if state.is_main_process:
-            print(f"infer: {precision_note(cfg.infer.mixed_precision, precision, device)}" +
-                  (f"\n{note}" if note else ""), file=sys.stderr)
-        return _infer(cfg, state, model, weights_hash, model_cfg, precision, preempt)
-    finally:
-        preempt.restore()
-        if state.is_main_process:
-            lock.release()
-
-
-def _infer(cfg: Config, state, model: torch.nn.Module, weights_hash: str, model_cfg: ModelConfig,
-           precision: str, preempt: PreemptionFlag) -> int:
-    device, rank, world = state.device, state.process_index, state.num_processes
-    out_dir = cam_dir_for(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:  # manifests of an earlier launch with more processes would mislead
-        for old in out_dir.glob("manifest-rank*.json"):
-            if int(old.stem[len("manifest-rank"):]) >= world:
-                old.unlink()
-    store = np.float16 if cfg.infer.dtype == "float16" else np.float32
-    autocast = functools.partial(device_autocast, precision, device)
-    channels_last = model_cfg.channels_last
-    counts = {"written": 0, "already_done": 0, "stale_replaced": 0}
-    written: list[str] = []
-    batcher = SizeBatcher(cfg.infer.batch_size)
-    skips = SkipPolicy.from_config(cfg, what="image")
-    start = time.perf_counter()
-
-    def run(group: list[dict]) -> None:
-        size = tuple(group[0]["image"].shape[-2:])
-        # per scale: the group's images, then (with infer.flip) their flips
-        per_scale = [torch.cat([s["scales"][i][0:1] for s in group] +
-                               ([s["scales"][i][1:2] for s in group] if cfg.infer.flip else []))
-                     for i in range(len(group[0]["scales"]))]
-        high, strided = multiscale_cams(model, per_scale, size, device, channels_last, autocast, cfg.infer.flip)
-        if not (torch.isfinite(high).all() and torch.isfinite(strided).all()):
-            keys = ", ".join(s["key"] for s in group)
-            raise CheckpointError(f"weights {weights_path(cfg)} give non-finite CAMs for image(s) {keys} "
-                                  f"(infer.mixed_precision={cfg.infer.mixed_precision} -> {precision}); nothing written "
-                                  f"for them")
-        for j, sample in enumerate(group):
-            keys, hr = keep_positive(high[j], sample["labels"])
-            _, st = keep_positive(strided[j], sample["labels"])
-            write_cam(out_dir / f"{sample['key']}.npz",
-                      CamRecord(keys, st.cpu().numpy().astype(store), hr.cpu().numpy().astype(store), weights_hash))
-            written.append(sample["key"])
-            counts["written"] += 1
-
-    bar = tqdm(desc=f"infer rank {rank}", disable=not state.is_main_process, unit="img", dynamic_ncols=True)
-    samples = unseen_after(infer_samples(cfg, rank, world, skips=skips), _range_keys(cfg, rank, world), skips)
-    for sample in samples:
-        if preempt.requested:
-            break
-        path = out_dir / f"{sample['key']}.npz"
-        if path.exists():
-            try:
-                done = read_cam(path).weights_sha256 == weights_hash
-            except DataError:
-                done = False  # unreadable leftovers are recomputed
-            if done:
-                counts["already_done"] += 1
-                bar.update(1)
-                continue
-            counts["stale_replaced"] += 1
-        for group in batcher.add(tuple(sample["image"].shape[-2:]), sample):
-            if preempt.requested:  # stop after the batch that was running when the signal came
-                break
-            run(group)
-        bar.update(1)
-    for group in batcher.drain():
-        if preempt.requested:
-            break
-        run(group)
-    bar.close()
-    if preempt.requested:
-        # no collective here: the other ranks stop on their own signal; a requeued run skips what is done
-        print(f"infer rank {rank}: preempted (signal {preempt.signal}) after writing {counts['written']} CAM(s); "
-              f"exiting with code {PREEMPT_EXIT_CODE}")
-        return PREEMPT_EXIT_CODE
-
-    seconds = time.perf_counter() - start
-    manifest = {"rank": rank, "world": world, "split": cfg.data.infer_split, "weights": str(weights_path(cfg)),
-                "weights_sha256": weights_hash, "mixed_precision": precision, "seconds": round(seconds, 3),
-                **counts,
-                "max_pending_images": batcher.max_pending, "skipped": skips.report(), "ids": sorted(written)}
-    atomic_write(out_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), "inference manifest")
-    totals = gather_objects({**counts, "skips": skips.state()})
     if state.is_main_process:
-        total = {k: sum(t[k] for t in totals) for k in counts}
-        skips.merge(t["skips"] for t in totals)
-        print(f"inference on '{cfg.data.infer_split}' over {world} process(es): {total['written']} written, "
-              f"{total['already_done']} already done, {total['stale_replaced']} from other weights replaced "
-              f"-> {out_dir}")
-        if skips.total:
-            print(skips.summary(f"over {world} process(es)") + "; ids in the manifests")
-        if cfg.infer.legacy_dir:
-            n = export_legacy(out_dir, Path(cfg.infer.legacy_dir))
-            print(f"exported {n} CAMs in the pickled-dict .npy format to {cfg.infer.legacy_dir}")
-    state.wait_for_everyone()
-    return 0
+        print(f"infer: {precision_note(cfg.infer.mixed_precision, precision, device)}", file=sys.stderr)
+    work = CamWork(cfg, model, weights_sha256, model_cfg, precision, device)
+    return run_per_image(work, cfg.output.run_dir, cfg.data.on_corrupt, cfg.eval.max_listed)
