@@ -80,6 +80,10 @@ class ImageWork:
     def account(self, sample: dict, result: Any) -> None:
         """Fold one image's result (written now or found up to date) into this rank's totals."""
 
+    def problems_heading(self, n: int) -> str:
+        """The first line of the error that lists every bad input."""
+        return f"`vwe {self.name}`: {n} bad input(s) for split '{self.split}'"
+
     def part(self) -> dict:
         """This rank's totals for the report (small, picklable)."""
         return {}
@@ -229,8 +233,7 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
     parts = gather_objects({"counts": counts, "skips": skips.state(), "problems": problems, "part": work.part()})
     every = [p for part in parts for p in part["problems"]]
     if every:
-        raise DataError(problem_list(f"`vwe {work.name}`: {len(every)} bad input(s) for split '{work.split}'",
-                                     every, max_listed))
+        raise DataError(problem_list(work.problems_heading(len(every)), every, max_listed))
     work.check_parts([p["part"] for p in parts])
     seconds = time.perf_counter() - start
     manifest = {"stage": work.name, "rank": rank, "world": world, "split": work.split, **work.manifest(),

@@ -10,23 +10,23 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
-from vwe.formats.config import Config, RefineConfig
 from vwe.data.loader import infer_samples
 from vwe.data.voc import voc_palette
-from vwe.runtime.dist import all_reduce_sum, distributed_state, gather_objects
-from vwe.runtime.errors import DataError, VweError, problem_list
-from vwe.runtime.files import atomic_write, file_sha256
+from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
+from vwe.formats.config import Config, RefineConfig
 from vwe.report.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
     pixel_accuracy
+from vwe.runtime.errors import DataError, VweError
+from vwe.runtime.files import atomic_write, file_sha256
 from vwe.runtime.skips import SkipPolicy
+from vwe.stages.perimage import ImageWork, Output, run_per_image
 
 NUM_LABELS = 21  # background + 20 VOC classes
 SOURCE_KEY = "vwe_source"  # PNG text chunk: the CAM's hash and the settings the labels were made with
@@ -117,70 +117,80 @@ def check_crf_available() -> None:
         raise VweError(f"refine.method=crf needs the pydensecrf module: {CRF_EXTRA}") from None
 
 
-def _refine_part(cfg: Config, rank: int, world: int, cam_dir: Path, out_dir: Path) -> dict:
-    """This rank's labels: written or found up to date, scored; problems collected (not raised), so every
-    rank reaches the collectives and the error lists them all."""
-    rc = cfg.refine
-    fingerprint = settings(rc)
-    conf = np.zeros((NUM_LABELS, NUM_LABELS), np.int64)
-    base = np.zeros_like(conf)  # the threshold labels at the same bkg: what the CRF changed
-    counts = {"written": 0, "already_done": 0, "stale_replaced": 0, "no_mask": 0, "corrupt_skipped": 0}
-    problems: list[str] = []
-    by_weights: dict[str, list[str]] = defaultdict(list)
-    written: list[str] = []
-    skips = SkipPolicy.from_config(cfg, what="image")
-    for sample in infer_samples(cfg, rank, world, with_scales=False, with_image=rc.method == "crf", skips=skips):
+class LabelWork(ImageWork):
+    """One image's pseudo label from its CAM (the per-image part of `vwe refine`), scored against its mask."""
+    name, what, suffix = "refine", "pseudo label", ".png"
+
+    def __init__(self, cfg: Config, cam_dir: Path, out_dir: Path) -> None:
+        self.cfg, self.rc, self.cam_dir, self.out_dir = cfg, cfg.refine, cam_dir, out_dir
+        self.split, self.data_root = cfg.data.infer_split, cfg.data.root
+        self.fingerprint = settings(cfg.refine)
+        self.conf = np.zeros((NUM_LABELS, NUM_LABELS), np.int64)
+        self.base = np.zeros_like(self.conf)  # the threshold labels at the same bkg: what the CRF changed
+        self.no_mask = 0
+        self.by_weights: dict[str, list[str]] = defaultdict(list)
+
+    def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
+        return infer_samples(self.cfg, rank, world, with_scales=False, with_image=self.rc.method == "crf",
+                             skips=skips)
+
+    def prepare(self, sample: dict) -> dict:
         key = sample["key"]
-        cam_path = cam_dir / f"{key}.npz"
+        cam_path = self.cam_dir / f"{key}.npz"
         if not cam_path.exists():
-            problems.append(f"CAM file {cam_path}: not found (image {key!r} of split '{cfg.data.infer_split}')")
-            continue
-        try:
-            rec = read_cam_for(cam_path, sample["size"], num_classes=NUM_LABELS - 1)
-        except DataError as e:
-            problems.append(str(e))
-            continue
-        by_weights[rec.weights_sha256].append(key)
-        if problems:
-            continue  # the run fails: only check the rest, so the error lists every bad file
-        source = json.dumps({"cam_sha256": file_sha256(cam_path), **fingerprint}, sort_keys=True)
-        png, color = out_dir / f"{key}.png", out_dir / "color" / f"{key}.png"
-        found = read_label_png(png)
-        if found is not None and found[1] == source and (not rc.color or color.exists()):
-            label = found[0]
-            counts["already_done"] += 1
-        else:
-            if png.exists():
-                counts["stale_replaced"] += 1
-            if rc.method == "crf":
-                image = sample["image"].permute(1, 2, 0).numpy()
-                label = crf_labels(image, rec.high_res, rec.keys, rc)
+            raise DataError(f"CAM file {cam_path}: not found (image {key!r} of split '{self.split}')")
+        rec = read_cam_for(cam_path, sample["size"], num_classes=NUM_LABELS - 1)
+        self.by_weights[rec.weights_sha256].append(key)
+        source = json.dumps({"cam_sha256": file_sha256(cam_path), **self.fingerprint}, sort_keys=True)
+        return {**sample, "cam": rec, "source": source}
+
+    def current(self, sample: dict, path: Path) -> tuple[bool, np.ndarray | None]:
+        found = read_label_png(path)
+        color = self.out_dir / "color" / f"{sample['key']}.png"
+        if found is not None and found[1] == sample["source"] and (not self.rc.color or color.exists()):
+            return True, found[0]
+        return False, None
+
+    def compute(self, samples: list[dict]) -> list[Output]:
+        outputs = []
+        for sample in samples:
+            rec = sample["cam"]
+            if self.rc.method == "crf":
+                label = crf_labels(sample["image"].permute(1, 2, 0).numpy(), rec.high_res, rec.keys, self.rc)
             else:
-                label = threshold_labels(rec.high_res, rec.keys, rc.bkg)
-            atomic_write(png, encode_label_png(label, source, palette=False), "pseudo label")
-            if rc.color:
-                atomic_write(color, encode_label_png(label, source, palette=True), "colour pseudo label")
-            counts["written"] += 1
-            written.append(key)
+                label = threshold_labels(rec.high_res, rec.keys, self.rc.bkg)
+            extra = {f"color/{sample['key']}.png": encode_label_png(label, sample["source"], palette=True)} \
+                if self.rc.color else {}
+            outputs.append(Output(sample["key"], encode_label_png(label, sample["source"], palette=False),
+                                  label, extra))
+        return outputs
+
+    def account(self, sample: dict, label: np.ndarray) -> None:
         if sample["mask"] is None:
-            counts["no_mask"] += 1
-            continue
-        gt = sample["mask"].numpy()
-        conf += confusion_matrix(label, gt, NUM_LABELS)
-        base += confusion_matrix(threshold_labels(rec.high_res, rec.keys, rc.bkg), gt, NUM_LABELS)
-    counts["corrupt_skipped"] = skips.total
-    return {"conf": conf, "base": base, "counts": counts, "problems": problems,
-            "by_weights": dict(by_weights), "written": written}
+            self.no_mask += 1
+            return
+        gt, rec = sample["mask"].numpy(), sample["cam"]
+        self.conf += confusion_matrix(label, gt, NUM_LABELS)
+        self.base += confusion_matrix(threshold_labels(rec.high_res, rec.keys, self.rc.bkg), gt, NUM_LABELS)
 
+    def problems_heading(self, n: int) -> str:
+        return f"{n} CAM problem(s) in {self.cam_dir}"
 
-def _check(parts: list[dict], cam_dir: Path, limit: int) -> str:
-    """Raise DataError listing every bad CAM, or for CAMs of several weights; returns their SHA-256."""
-    problems = [p for part in parts for p in part["problems"]]
-    if problems:
-        raise DataError(problem_list(f"{len(problems)} CAM problem(s) in {cam_dir}", problems, limit))
-    by_weights = cams_by_weights([part["by_weights"] for part in parts], cam_dir,
-                                 "rerun `vwe infer` (it replaces CAMs of other weights)")
-    return next(iter(by_weights), "")
+    def part(self) -> dict:
+        return {"conf": self.conf, "base": self.base, "no_mask": self.no_mask, "by_weights": dict(self.by_weights)}
+
+    def check_parts(self, parts: list[dict]) -> None:
+        by_weights = cams_by_weights([p["by_weights"] for p in parts], self.cam_dir,
+                                     "rerun `vwe infer` (it replaces CAMs of other weights)")
+        self.weights_sha256 = next(iter(by_weights), "")
+
+    def manifest(self) -> dict:
+        return {"cam_dir": str(self.cam_dir), "weights_sha256": self.weights_sha256, "settings": self.fingerprint}
+
+    def report(self, parts: list[dict], totals: dict, seconds: float, world: int) -> None:
+        _report(self.cfg, sum(p["conf"] for p in parts), sum(p["base"] for p in parts),
+                {**totals, "no_mask": sum(p["no_mask"] for p in parts)}, self.cam_dir, self.out_dir,
+                self.weights_sha256, seconds, world)
 
 
 def _scores(conf: np.ndarray) -> dict:
@@ -190,40 +200,20 @@ def _scores(conf: np.ndarray) -> dict:
 
 
 def refine(cfg: Config) -> int:
-    """Label PNGs for every image of data.infer_split from its CAM, over all ranks; rank 0 reports."""
-    state = distributed_state()
-    rank, world = state.process_index, state.num_processes
-    rc = cfg.refine
-    if rc.method == "crf":
+    """Label PNGs for every image of data.infer_split from its CAM, over all ranks; rank 0 reports.
+    Returns 0, or PREEMPT_EXIT_CODE after SIGUSR1/SIGTERM (labels written so far are kept)."""
+    if cfg.refine.method == "crf":
         check_crf_available()
     cam_dir, out_dir = refine_cam_dir(cfg), label_dir_for(cfg)
     if not cam_dir.is_dir():
         raise DataError(f"CAM folder {cam_dir} does not exist: run `vwe infer` first, or set refine.cam_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:  # manifests of an earlier launch with more processes would mislead
-        for old in out_dir.glob("manifest-rank*.json"):
-            if int(old.stem[len("manifest-rank"):]) >= world:
-                old.unlink()
-    start = time.perf_counter()
-    part = _refine_part(cfg, rank, world, cam_dir, out_dir)
-    conf, base = all_reduce_sum(part.pop("conf")), all_reduce_sum(part.pop("base"))
-    parts = gather_objects(part)
-    weights_sha256 = _check(parts, cam_dir, cfg.eval.max_listed)
-    seconds = time.perf_counter() - start
-    manifest = {"rank": rank, "world": world, "split": cfg.data.infer_split, "cam_dir": str(cam_dir),
-                "weights_sha256": weights_sha256, "settings": settings(rc), "seconds": round(seconds, 3),
-                **part["counts"], "ids": sorted(part["written"])}
-    atomic_write(out_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), "refine manifest")
-    if state.is_main_process:
-        _report(cfg, conf, base, parts, cam_dir, out_dir, weights_sha256, seconds, world)
-    state.wait_for_everyone()
-    return 0
+    return run_per_image(LabelWork(cfg, cam_dir, out_dir), cfg.output.run_dir, cfg.data.on_corrupt,
+                         cfg.eval.max_listed)
 
 
-def _report(cfg: Config, conf: np.ndarray, base: np.ndarray, parts: list[dict], cam_dir: Path, out_dir: Path,
+def _report(cfg: Config, conf: np.ndarray, base: np.ndarray, totals: dict, cam_dir: Path, out_dir: Path,
             weights_sha256: str, seconds: float, world: int) -> None:
     rc = cfg.refine
-    totals = {k: sum(p["counts"][k] for p in parts) for k in parts[0]["counts"]}
     num_images = totals["written"] + totals["already_done"]
     scored = num_images - totals["no_mask"]
     report = {"split": cfg.data.infer_split, "settings": settings(rc), "cam_dir": str(cam_dir),
@@ -245,8 +235,8 @@ def _report(cfg: Config, conf: np.ndarray, base: np.ndarray, parts: list[dict], 
         text += "\nno ground-truth masks in this split: nothing scored\n"
     if totals["no_mask"] and scored:
         text += f"{totals['no_mask']} image(s) without a mask are not scored\n"
-    if totals["corrupt_skipped"]:
-        text += f"{totals['corrupt_skipped']} corrupt sample(s) skipped (data.on_corrupt=skip)\n"
+    if totals["skipped"]:
+        text += f"{totals['skipped']} corrupt sample(s) skipped (data.on_corrupt=skip)\n"
     atomic_write(out_dir / "report.json", json.dumps(report, indent=2), "refine report")
     atomic_write(out_dir / "report.md", text, "refine report")
     print(text + f"\nreport: {out_dir / 'report.json'}")
