@@ -247,6 +247,8 @@ def test_sem_seg_labels_equal_irnet():
     assert (ours32 != expected).mean() < 1e-3
     assert (sem_seg_labels(torch.from_numpy(edge), torch.zeros(0, h, w, dtype=torch.float64), np.zeros(0), size)
             == 0).all()
+    # all-zero CAMs: background (IRNet's 0 / 0 would label every pixel with the first class)
+    assert (sem_seg_labels(torch.from_numpy(edge), torch.zeros(2, h, w, dtype=torch.float64), keys, size) == 0).all()
 
 
 def test_random_walk_spreads_within_regions():
