@@ -222,3 +222,39 @@ def test_downscale_label_as_pil_rescale():
     np.testing.assert_array_equal(small, np.asarray(Image.fromarray(label).resize((128, 128), Image.NEAREST)))
     odd = rng.choice([0, 5, 255], size=(37, 50)).astype(np.uint8)
     assert downscale_label(odd).shape == (9, 12)  # round(37/4), round(50/4) as IRNet's pil_rescale
+
+
+def test_chain_smoke(net):
+    """CAMs -> relation labels -> affinity labels at radius 10 -> a few steps of the branches (the loss
+    falls) -> boundary map -> random-walk labels: the pieces fit together at IRNet's radii."""
+    from vwe.labels.confident import cam_to_ir_label
+    from vwe.labels.pathindex import IRN_RADIUS
+    from vwe.labels.randomwalk import sem_seg_labels
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 60, (96, 96, 3), dtype=np.uint8)
+    image[24:72, 30:80] = (220, 200, 40)
+    high_res = (rng.random((1, 96, 96)) * 0.03).astype(np.float32)
+    high_res[0, 30:66, 36:74] = 0.9
+    ir = cam_to_ir_label(image, high_res, np.array([7]))
+    assert {0, 8} <= set(np.unique(ir).tolist())
+    index = path_index(IRN_RADIUS, (24, 24))
+    labs = [torch.from_numpy(a)[None] for a in affinity_labels(downscale_label(ir), index)]
+    assert all(a.sum() > 0 for a in labs)
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255 - 0.45
+    opt = torch.optim.SGD([p for g in net.param_groups() for p in g], lr=0.1)
+    net.train()
+    losses = []
+    for _ in range(4):
+        total, _ = irn_loss(*pair_losses(*net(x), index), *labs)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(total.item())
+    assert losses[-1] < losses[0]
+    net.eval()
+    edge = infer_edge(net, x[0], crop_size=96)
+    assert edge.shape == (24, 24) and ((edge >= 0) & (edge <= 1)).all()
+    cam = torch.nn.functional.interpolate(torch.from_numpy(high_res)[None], (24, 24), mode="bilinear",
+                                          align_corners=False)[0]
+    labels = sem_seg_labels(edge, cam, np.array([7]), (96, 96))
+    assert labels.shape == (96, 96) and set(np.unique(labels).tolist()) <= {0, 8} and (labels == 8).any()
