@@ -14,7 +14,8 @@ from torch import nn
 from vwe.nets.backbone import FrozenBatchNorm2d
 from vwe.nets.deeplab import (ASPP, MSC, DeepLabV2, PolyLR, SegmentationWeightsError, build_deeplab,
                               crf_labels, dense_crf, msc_forward, poly_lr, predict_logits, predict_probs,
-                              refuse_segmentation_state, resize_labels, seg_loss, seg_param_groups)
+                              recipe_crf_image, refuse_segmentation_state, resize_labels, seg_loss,
+                              seg_param_groups)
 from vwe.runtime.errors import CheckpointError, VweError
 
 
@@ -91,8 +92,9 @@ def test_output_stride_8_by_dilation(imagenet_r101):
         convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
         if stage in (bb.layer3, bb.layer4):
             assert all(c.stride == (1, 1) for c in convs)  # no stride after stage 2
-        # torchvision's first dilated block keeps the previous dilation in its 3x3
-        assert {c.dilation for b in list(stage)[1:] for c in [b.conv2]} == {(dilation, dilation)}
+        assert {b.conv2.dilation for b in list(stage)[1:]} == {(dilation, dilation)}
+    # torchvision's first block of a dilated stage keeps the previous dilation in its 3x3
+    assert bb.layer3[0].conv2.dilation == (1, 1) and bb.layer4[0].conv2.dilation == (2, 2)
     assert bb.layer2[0].conv2.stride == (2, 2) and len(bb.layer3) == 23
 
 
@@ -293,6 +295,8 @@ def test_msc_forward_outputs_and_max_fusion():
     msc = MSC(net)
     assert len(msc.train()(x)) == 4
     torch.testing.assert_close(msc.eval()(x), outs[3])
+    single = msc_forward(net, x, scales=())  # single scale: one output, one loss term
+    assert len(single) == 1 and torch.equal(single[0], outs[0])
 
 
 def _pil_resize(labels: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -375,8 +379,17 @@ def test_crf_snaps_noisy_probabilities_to_the_two_regions():
         dense_crf(image.astype(np.float32), probs)
 
 
+def test_recipe_crf_image_wraps_the_mean_subtracted_bgr_image():
+    image = np.array([[[0, 0, 0], [255, 128, 104], [123, 117, 105]]], np.uint8)  # RGB
+    out = recipe_crf_image(image)
+    # B - 104.008, G - 116.669, R - 122.675, truncated toward zero, modulo 256
+    assert out.tolist() == [[[152, 140, 134], [0, 11, 132], [0, 0, 0]]]
+    assert out.dtype == np.uint8
+
+
 def test_build_none_is_random_backbone_and_recipe_head():
     torch.manual_seed(0)
-    model = build_deeplab(num_classes=3, backbone="resnet50", pretrained="none")
+    with pytest.warns(UserWarning, match="diverges"):
+        model = build_deeplab(num_classes=3, backbone="resnet50", pretrained="none")
     assert model.load_report is None
     assert math.isclose(model.aspp.branches[0].bias.abs().sum().item(), 0.0)

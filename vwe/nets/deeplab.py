@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import torchvision
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from vwe.nets.backbone import (NORMS, LoadReport, fetch_imagenet_weights, load_backbone_weights, norm_layer,
-                               read_state_dict)
+from vwe.nets.backbone import (FROZEN_NORMS, NORMS, LoadReport, fetch_imagenet_weights, load_backbone_weights,
+                               norm_layer, read_state_dict)
 from vwe.runtime.errors import CheckpointError, VweError
 
 SEG_BACKBONES = ("resnet50", "resnet101")  # torchvision's BasicBlock (18/34) cannot dilate
@@ -26,9 +27,7 @@ TRAIN_SCALES = (0.5, 0.75)   # MSC: the extra input scales beside 1.0
 TEST_SCALES = (1.0, 0.5, 0.75)
 IGNORE_INDEX = 255
 OUTPUT_STRIDE = 8
-# deeplab-pytorch configs/voc12.yaml, CRF section
-CRF_DEFAULTS = {"iterations": 10, "pos_w": 3.0, "pos_xy_std": 1.0, "bi_w": 4.0, "bi_xy_std": 67.0,
-                "bi_rgb_std": 3.0}
+RECIPE_MEAN_BGR = (104.008, 116.669, 122.675)  # configs/voc12.yaml IMAGE.MEAN, caffe's 0-255 BGR
 
 
 class SegmentationWeightsError(CheckpointError):
@@ -170,6 +169,9 @@ def build_deeplab(num_classes: int = 21, backbone: str = "resnet101", pretrained
     if backbone not in SEG_BACKBONES:  # before any file is read
         raise VweError(f"seg.backbone must be one of {', '.join(SEG_BACKBONES)}, got {backbone!r}")
     init = read_init_weights(pretrained, backbone)
+    if init is None and norm in FROZEN_NORMS:
+        warnings.warn(f"seg.pretrained=none with seg.norm={norm}: a random ResNet under fixed BatchNorm "
+                      "statistics diverges in training; use norm batch, syncbatch or group", stacklevel=2)
     model = DeepLabV2(num_classes, backbone, norm, rates)
     if init is not None:
         # DilatedResNet has Backbone's name/norm/state-dict interface
@@ -182,8 +184,11 @@ def build_deeplab(num_classes: int = 21, backbone: str = "resnet101", pretrained
 def msc_forward(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                 scales: Sequence[float] = TRAIN_SCALES) -> list[torch.Tensor]:
     """[logits at 1.0, logits at each scale (their own size), pixel-wise max of all] where the smaller
-    maps are bilinearly resized to the 1.0 map before the max; the inputs are scaled bilinearly."""
+    maps are bilinearly resized to the 1.0 map before the max; the inputs are scaled bilinearly.
+    No scales: [logits at 1.0] (single-scale training, one loss term)."""
     full = net(x)
+    if not scales:
+        return [full]
     size = full.shape[-2:]
     scaled = [net(F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)) for s in scales]
     resized = [full] + [F.interpolate(l, size=size, mode="bilinear", align_corners=False) for l in scaled]
@@ -309,8 +314,8 @@ def predict_logits(net: Callable[[torch.Tensor], torch.Tensor], images: torch.Te
             ref = tuple(maps[-1].shape[-2:])
         if flip:
             maps.append(net(x.flip(-1)).flip(-1))
-    resized = [m if tuple(m.shape[-2:]) == ref else F.interpolate(m, size=ref, mode="bilinear", align_corners=False)
-               for m in maps]
+    resized = [m if tuple(m.shape[-2:]) == ref else
+               F.interpolate(m, size=ref, mode="bilinear", align_corners=False) for m in maps]
     return torch.stack(resized).amax(dim=0)
 
 
@@ -350,3 +355,14 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10, pos_w:
 def crf_labels(image: np.ndarray, probs: np.ndarray, **settings: float) -> np.ndarray:
     """argmax over classes of dense_crf(image, probs, **settings): (H, W) int64 labels."""
     return dense_crf(image, probs, **settings).argmax(axis=0)
+
+
+def recipe_crf_image(image: np.ndarray, mean_bgr: Sequence[float] = RECIPE_MEAN_BGR) -> np.ndarray:
+    """The image deeplab-pytorch's `crf` command hands to DenseCRF, for comparisons with its numbers:
+    the mean-subtracted BGR float image cast to uint8, i.e. truncated toward zero and wrapped modulo 256
+    (negative values become large ones). (H, W, 3) uint8 RGB in, (H, W, 3) uint8 BGR out."""
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.shape} {image.dtype}")
+    shifted = image[..., ::-1].astype(np.float32) - np.asarray(mean_bgr, np.float32)
+    # numpy's float -> uint8 cast wraps on common platforms but is undefined for negatives: spell it out
+    return (np.trunc(shifted).astype(np.int64) % 256).astype(np.uint8)
