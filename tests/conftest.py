@@ -47,7 +47,7 @@ def repo() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """A small synthetic VOC-style data set converted to shards (train 48, val 12, 64-80 px)."""
-    from vwe.data.shards import prepare
+    from vwe.data.prepare import prepare
     from vwe.data.synthetic import write_dataset
     root = tmp_path_factory.mktemp("synthetic")
     write_dataset(root / "voc", n_train=48, n_val=12, seed=0, size=80, sbd=False)

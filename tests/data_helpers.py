@@ -8,7 +8,8 @@ from pathlib import Path
 
 from vwe.formats.config import load_config
 from vwe.runtime.files import file_sha256
-from vwe.data.shards import ShardInfo, iter_shard, load_index, write_index
+from vwe.data.index import ShardInfo, load_index, write_index
+from vwe.data.reading import iter_shard
 
 REPO = Path(__file__).resolve().parent.parent
 

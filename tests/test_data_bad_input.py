@@ -13,7 +13,8 @@ from PIL import Image
 
 from data_helpers import demo_cfg, samples_of, write_split
 from vwe.data.loader import infer_samples, train_batches
-from vwe.data.shards import load_index, prepare
+from vwe.data.index import load_index
+from vwe.data.prepare import prepare
 from vwe.data.synthetic import write_dataset
 from vwe.data.voc import encode_mask
 from vwe.runtime.errors import DataError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from conftest import run_vwe
-from vwe.data.shards import prepare
+from vwe.data.prepare import prepare
 from vwe.data.synthetic import write_dataset
 
 

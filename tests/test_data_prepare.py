@@ -10,7 +10,9 @@ import pytest
 import scipy.io
 
 from conftest import run_vwe
-from vwe.data.shards import iter_shard, load_index, prepare
+from vwe.data.index import load_index
+from vwe.data.prepare import prepare
+from vwe.data.reading import iter_shard
 from vwe.data.synthetic import write_dataset
 from vwe.data.voc import CLASS_NAMES, decode_mask, labels_from_mask
 from vwe.runtime.errors import DataError

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vwe.data.loader import infer_samples
-from vwe.data.shards import load_index, write_index
+from vwe.data.index import load_index, write_index
 from vwe.formats.config import load_config
 from vwe.runtime.errors import DataError
 from vwe.runtime.preempt import PREEMPT_EXIT_CODE

@@ -73,7 +73,7 @@ def test_submit_chain_prepare_train_infer_evaluate(slurm_cluster, repo, tmp_path
         ranks = sorted((tmp_path / "logs" / str(ids["train"]) / "run0" / f"node{node}").glob("*/attempt_0/*"))
         assert [r.name for r in ranks] == ["0", "1"], ranks
 
-    from vwe.data.shards import load_index
+    from vwe.data.index import load_index
     val_ids = sorted(load_index(shards, "val").keys)
     assert len(val_ids) == 8
     assert sorted(p.stem for p in (run / "cams").glob("*.npz")) == val_ids

@@ -19,7 +19,9 @@ from data_helpers import demo_cfg, samples_of
 from vwe.formats.cams import read_cam
 from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME
 from vwe.data.loader import infer_samples, train_batches
-from vwe.data.shards import ShardInfo, iter_shard, load_index, prepare, write_index
+from vwe.data.index import ShardInfo, load_index, write_index
+from vwe.data.prepare import prepare
+from vwe.data.reading import iter_shard
 from vwe.data.synthetic import write_dataset
 from vwe.runtime.errors import DataError
 from vwe.runtime.files import file_sha256

@@ -40,7 +40,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from vwe.data.shards import prepare
+    from vwe.data.prepare import prepare
     prepare(Path(args.voc), Path(args.sbd) if args.sbd else None, Path(args.out),
             shard_size=args.shard_size, labels=args.labels)
     return 0

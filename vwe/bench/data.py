@@ -22,7 +22,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vwe.data.loader import steps_per_epoch, train_batches
-from vwe.data.shards import load_index, read_shard
+from vwe.data.index import load_index
+from vwe.data.reading import read_shard
 from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, resize_uint8, scaled_size, to_tensor
 from vwe.runtime.errors import VweError
 from vwe.runtime.files import atomic_write

@@ -124,7 +124,7 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
 def _input(cfg: Config, device: torch.device, n: int):
     """(images uint8, labels) batches: from the real training loader when the shards exist, else one
     synthetic batch repeated (no data wait)."""
-    from vwe.data.shards import index_path, is_remote
+    from vwe.data.index import index_path, is_remote
     if is_remote(cfg.data.root) or Path(index_path(cfg.data.root, cfg.data.train_split)).is_file():
         from vwe.data.loader import train_batches
 

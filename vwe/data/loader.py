@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vwe.data.shards import RawSample, SplitIndex, load_index, read_shard, remember_members, verify_shards
+from vwe.data.index import SplitIndex, load_index
+from vwe.data.reading import RawSample, read_shard, remember_members, verify_shards
 from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.runtime.errors import DataError, VweError

@@ -19,7 +19,7 @@ from vwe.report.board import log_evaluation
 from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
 from vwe.formats.config import Config
 from vwe.data.loader import infer_ranges, infer_samples
-from vwe.data.shards import load_index
+from vwe.data.index import load_index
 from vwe.runtime.dist import all_reduce_sum, distributed_state, gather_objects
 from vwe.runtime.errors import CheckpointError, DataError, id_listing, problem_list
 from vwe.runtime.files import atomic_write, file_sha256

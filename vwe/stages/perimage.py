@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from vwe.data.loader import infer_ranges
-from vwe.data.shards import index_path, load_index
+from vwe.data.index import index_path, load_index
 from vwe.runtime.dist import collective_call, distributed_state, gather_objects
 from vwe.runtime.errors import DataError, problem_list
 from vwe.runtime.files import atomic_write

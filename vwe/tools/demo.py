@@ -22,7 +22,7 @@ def launch_config(gpus: int) -> Path:
 
 def run_demo(workdir: Path, processes: int = 0) -> int:
     """Run the whole pipeline on synthetic data in `workdir`; prints the table and where results are."""
-    from vwe.data.shards import prepare
+    from vwe.data.prepare import prepare
     from vwe.data.synthetic import write_dataset
 
     config = repo_configs_dir() / "demo.yaml"
