@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from vwe.formats.config import Config, load_config
-from vwe.runtime.errors import VweError
+from vwe.runtime.errors import DataError, VweError
 
 
 DESCRIPTION = """\
@@ -40,9 +40,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give the folder for the shards")
+    if (args.voc is None) == (args.labels_from is None):
+        raise DataError("vwe prepare: give --voc (VOC2012 -> shards) or --labels-from with --split "
+                        "(a segmentation split from label PNGs), not both")
+    if args.labels_from is not None:
+        from vwe.data.targets import prepare_targets
+        if not args.split:
+            raise DataError("--labels-from needs --split NAME, the new split's name (e.g. train_aug_pseudo)")
+        prepare_targets(out, args.from_split, args.split, Path(args.labels_from), shard_size=args.shard_size)
+        return 0
     from vwe.data.prepare import prepare
-    prepare(Path(args.voc), Path(args.sbd) if args.sbd else None, Path(args.out),
-            shard_size=args.shard_size, labels=args.labels)
+    prepare(Path(args.voc), Path(args.sbd) if args.sbd else None, out, shard_size=args.shard_size,
+            labels=args.labels)
     return 0
 
 
@@ -136,14 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbd", action="store_true", help="also write an SBD-style benchmark_RELEASE folder")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("prepare", help="convert VOCdevkit (+SBD) into webdataset shards")
-    p.add_argument("--voc", required=True, help="VOC2012 folder (with JPEGImages, SegmentationClass, ...)")
+    p = sub.add_parser("prepare", help="convert VOCdevkit (+SBD) into webdataset shards, or pair a split with "
+                                       "label PNGs (a segmentation split)")
+    p.add_argument("--voc", default=None, help="VOC2012 folder (with JPEGImages, SegmentationClass, ...)")
     p.add_argument("--sbd", default=None, help="SBD benchmark_RELEASE folder (for train_aug)")
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--labels", choices=["xml", "mask"], default="xml",
                    help="image labels from the XML annotations (default, as the published code) or from "
                         "the masks; each falls back to the other where its file is missing")
+    p.add_argument("--labels-from", default=None, metavar="DIR",
+                   help="a folder of label PNGs (<id>.png: vwe refine's output, random-walk labels, an outside "
+                        "tool's, or ground truth): write a segmentation split pairing them with --from-split")
+    p.add_argument("--split", default=None, help="(--labels-from) the new split's name, e.g. train_aug_pseudo")
+    p.add_argument("--from-split", default="train_aug",
+                   help="(--labels-from) the split in --out whose images the labels belong to")
     p.set_defaults(func=cmd_prepare)
 
     for name, func, text in [("train", cmd_train, "train the CAM network"),

@@ -42,6 +42,7 @@ class SplitIndex:
     class_names: tuple[str, ...]
     has_masks: bool
     labels: dict | None = None       # where the image labels came from (prepare's record), if known
+    targets: dict | None = None      # a segmentation split: where its training targets came from
 
     @property
     def num_samples(self) -> int:
@@ -157,7 +158,7 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
         shards = tuple(ShardInfo(s["name"], int(s["count"]), s["sha256"], int(s["bytes"]), tuple(s["keys"]))
                        for s in d["shards"])
         idx = SplitIndex(root, d["split"], shards, tuple(d["class_names"]), bool(d["has_masks"]),
-                         d.get("labels"))
+                         d.get("labels"), d.get("targets"))
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{p}: not a valid shard index ({type(e).__name__}: {e})") from None
     for s in shards:
@@ -184,11 +185,12 @@ def check_shard_name(name: str, index: str) -> None:
 
 
 def write_index(root: Path, split: str, shards: list[ShardInfo], has_masks: bool,
-                labels: dict | None = None) -> Path:
+                labels: dict | None = None, targets: dict | None = None) -> Path:
     """Write `{root}/{split}.json`; `labels` records where the image labels came from."""
     d = {"version": INDEX_VERSION, "split": split, "num_samples": sum(s.count for s in shards),
          "class_names": list(vocdata.CLASS_NAMES), "has_masks": has_masks,
          **({"labels": labels} if labels is not None else {}),
+         **({"targets": targets} if targets is not None else {}),
          "sample_format": {"image": EXT_IMAGE, "labels": EXT_LABELS, "mask": EXT_MASK},
          "shards": [{"name": s.name, "count": s.count, "bytes": s.bytes, "sha256": s.sha256,
                      "keys": list(s.keys)} for s in shards]}

@@ -13,14 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from vwe.data import voc as vocdata
-from vwe.data.index import (
-    EXT_IMAGE,
-    EXT_LABELS,
-    EXT_MASK,
-    ShardInfo,
-    index_path,
-    write_index,
-)
+from vwe.data.index import EXT_IMAGE, EXT_LABELS, EXT_MASK, EXT_TARGET, ShardInfo, index_path, write_index
 from vwe.data.reading import RawSample
 from vwe.runtime.errors import DataError
 from vwe.runtime.files import atomic_write, file_sha256
@@ -42,6 +35,8 @@ def write_shard(path: Path, samples: list[RawSample]) -> tuple[ShardInfo, bool]:
             members = [(EXT_IMAGE, s.jpg), (EXT_LABELS, json.dumps(sorted(s.labels)).encode())]
             if s.mask is not None:
                 members.append((EXT_MASK, s.mask))
+            if s.target is not None:
+                members.append((EXT_TARGET, s.target))
             for ext, data in members:
                 tf.addfile(_tarinfo(f"{s.key}.{ext}", len(data)), io.BytesIO(data))
     data = buf.getvalue()
@@ -53,7 +48,7 @@ def write_shard(path: Path, samples: list[RawSample]) -> tuple[ShardInfo, bool]:
     return info, True
 
 
-def _jpeg_size(data: bytes, where: str) -> tuple[int, int]:
+def jpeg_size(data: bytes, where: str) -> tuple[int, int]:
     """(width, height) of a JPEG after checking it decodes (at 1/8 scale: fast, reads all the data)."""
     try:
         im = Image.open(io.BytesIO(data))
@@ -93,7 +88,7 @@ class _Source:
         if not jpg_path.is_file():
             raise DataError(f"image {image_id!r}: {lay.images / (image_id + '.jpg')} not found")
         jpg = jpg_path.read_bytes()
-        w, h = _jpeg_size(jpg, str(jpg_path))
+        w, h = jpeg_size(jpg, str(jpg_path))
         mask, mask_src, mask_labels = None, None, None
         for cand in (lay.seg_class / f"{image_id}.png",
                      self.sbd_dir / "cls" / f"{image_id}.mat" if self.sbd_dir else None,

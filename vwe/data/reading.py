@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from vwe.data import voc as vocdata
-from vwe.data.index import (EXT_IMAGE, EXT_LABELS, EXT_MASK, ShardInfo, SplitIndex, index_path,
+from vwe.data.index import (EXT_IMAGE, EXT_LABELS, EXT_MASK, EXT_TARGET, ShardInfo, SplitIndex, index_path,
                             is_remote, open_stream, stream_error)
 from vwe.runtime.errors import DataError
 from vwe.runtime.files import file_sha256
@@ -33,6 +33,7 @@ class RawSample:
     labels: list[int] = field(default_factory=list)
     mask: bytes | memoryview | None = None
     error: str | None = None
+    target: bytes | memoryview | None = None  # a segmentation split's training target (index PNG)
 
 
 # ---------------------------------------------------------------- checksums
@@ -78,7 +79,7 @@ def _check_labels(raw: bytes, where: str) -> list[int]:
 
 def _finish(shard: str, key: str, parts: dict[str, bytes]) -> RawSample:
     where = f"shard {shard}, sample {key!r}"
-    s = RawSample(shard, key, parts.get(EXT_IMAGE), mask=parts.get(EXT_MASK))
+    s = RawSample(shard, key, parts.get(EXT_IMAGE), mask=parts.get(EXT_MASK), target=parts.get(EXT_TARGET))
     if s.jpg is None:
         s.error = f"{where}: no image ({key}.{EXT_IMAGE}) in the shard"
     elif EXT_LABELS not in parts:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from vwe.runtime.errors import DataError
 from vwe.runtime.files import atomic_write
 from vwe.data.voc import CLASS_NAMES, IGNORE_INDEX, encode_mask
 
@@ -162,6 +163,9 @@ def _sbd_mat(scene: Scene) -> bytes:
     return header + data[116:]
 
 
+MIN_SIZE = 16  # long side in pixels; below it the objects shrink to a pixel or two
+
+
 def write_dataset(out: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, size: int = 128,
                   sbd: bool = False, classes: tuple[int, ...] = DEFAULT_CLASSES) -> Path:
     """Write a synthetic data set under out/VOCdevkit/VOC2012 (and out/benchmark_RELEASE with sbd=True).
@@ -171,7 +175,12 @@ def write_dataset(out: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, 
     lists hold them plus some VOC train and val ids (so train_aug = SBD train+val + VOC train - VOC val
     differs from every single list). Returns the VOC2012 folder.
     """
+    for name, value, least in (("--train", n_train, 1), ("--val", n_val, 1), ("--size", size, MIN_SIZE)):
+        if not isinstance(value, int) or value < least:
+            raise DataError(f"{name} {value}: must be an integer >= {least}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder for the data set")
     voc = out / "VOCdevkit" / "VOC2012"
     dirs = {k: voc / k for k in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug")}
     for d in (*dirs.values(), voc / "ImageSets" / "Segmentation"):
