@@ -165,9 +165,18 @@ def load_index(root: str | os.PathLike, split: str) -> SplitIndex:
         check_shard_name(s.name, str(p))
     if len(idx.class_names) != vocdata.NUM_CLASSES:
         raise DataError(f"{p}: {len(idx.class_names)} class names, expected {vocdata.NUM_CLASSES}")
+    seen_shards: set[str] = set()
+    seen_keys: dict[str, str] = {}
     for s in shards:
         if len(s.keys) != s.count:
             raise DataError(f"{p}: shard {s.name} lists {len(s.keys)} keys but count {s.count}")
+        if s.name in seen_shards:
+            raise DataError(f"{p}: shard {s.name} is listed twice (its images would be used twice)")
+        seen_shards.add(s.name)
+        for k in s.keys:
+            if k in seen_keys:
+                raise DataError(f"{p}: image id {k!r} is listed in shard {seen_keys[k]} and again in shard {s.name}")
+            seen_keys[k] = s.name
     return idx
 
 

@@ -299,7 +299,14 @@ def remember_members(index: SplitIndex, shards: list[ShardInfo]) -> None:
 
 
 def read_shard(index: SplitIndex, shard: ShardInfo, verify: bool = True) -> Iterator[RawSample]:
-    """The samples of one shard of `index` (local or streamed; a streamed one is verified as it goes)."""
-    return iter_shard(index.path(shard), shard.count, name=shard.name, size=shard.bytes,
-                      sha256=shard.sha256 if verify else None)
+    """The samples of one shard of `index` (local or streamed; a streamed one is verified as it goes), each
+    checked to be the one the index lists at its place (DataError naming both keys otherwise)."""
+    samples = iter_shard(index.path(shard), shard.count, name=shard.name, size=shard.bytes,
+                         sha256=shard.sha256 if verify else None)
+    for i, raw in enumerate(samples):
+        if i < len(shard.keys) and raw.key != shard.keys[i]:
+            raise DataError(f"shard {shard.name}: sample {i} is {raw.key!r} but "
+                            f"{index_path(index.root, index.split)} lists {shard.keys[i]!r} there (the shard and "
+                            f"its index do not belong together: rerun `vwe prepare`)")
+        yield raw
 

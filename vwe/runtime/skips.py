@@ -144,14 +144,13 @@ class SkipPolicy:
                 self._skips.setdefault(key, Skip(key, reason, message))
 
 
-def unseen_after(samples: Iterable[dict], expected: Sequence[str], policy: SkipPolicy,
-                 message: str = "skipped by the loader (data.on_corrupt=skip); its error is in the log above"
-                 ) -> Iterator[dict]:
+def unseen_after(samples: Iterable[dict], expected: Sequence[str], policy: SkipPolicy) -> Iterator[dict]:
     """Pass a loader's samples through; once they are exhausted, record every id of `expected` that never
     came as skipped by the loader. Samples carrying `skips` (a list of Skip) are recorded as they come.
 
     The loader decides skips in its workers and reports only a count; this names them from the index
     (order-free, so it holds for worker processes too). Nothing is recorded if the caller stops early.
+    Under on_corrupt=error an id that never came is an error of its own (the loader should have raised).
     """
     seen: set[str] = set()
     for sample in samples:
@@ -160,6 +159,10 @@ def unseen_after(samples: Iterable[dict], expected: Sequence[str], policy: SkipP
         seen.add(sample["key"])
         yield sample
     recorded = set(policy.ids)
-    for key in expected:
-        if key not in seen and key not in recorded:
-            policy.record(policy.decide(key, f"sample {key!r}: {message}"))
+    missing = [key for key in expected if key not in seen and key not in recorded]
+    for key in missing:
+        message = (f"sample {key!r}: skipped by the loader (data.on_corrupt=skip); its error is in the log above"
+                   if policy.skipping else
+                   f"sample {key!r} is listed in the split's index but the loader never delivered it "
+                   f"({len(missing)} such id(s))")
+        policy.record(policy.decide(key, message))
