@@ -3,6 +3,7 @@ thumbnails, nearest-neighbour label maps, one colour bar for the heat maps."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from vwe.report.visualize import BAR_H, BAR_PAD, LABEL_H, TILE, heat_colours, picture_grid, picture_tiles
 
@@ -39,3 +40,20 @@ def test_photos_are_antialiased_and_label_maps_are_not():
     labels = np.asarray(fixed[1])[LABEL_H:, :]
     colours = {tuple(c) for c in labels.reshape(-1, 3)}
     assert len(colours) <= 3  # background, the class colour, the white margin: no blended colours
+
+
+def test_the_picture_format_follows_the_file_name(tmp_path):
+    import io as _io
+
+    from PIL import Image
+
+    from vwe.report.visualize import picture_format
+    from vwe.runtime.errors import DataError
+    assert [picture_format(tmp_path / n) for n in ("a.png", "a.JPG", "a.jpeg", "a.webp")] == \
+        ["PNG", "JPEG", "JPEG", "WEBP"]
+    for name in ("a.gif", "a"):
+        with pytest.raises(DataError, match=r"name the picture \.png, \.jpg or \.webp"):
+            picture_format(tmp_path / name)
+    buf = _io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format=picture_format(tmp_path / "x.jpg"))
+    assert buf.getvalue()[:3] == b"\xff\xd8\xff"  # JPEG bytes, not PNG

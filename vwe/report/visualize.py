@@ -109,9 +109,21 @@ def picture_row(image: np.ndarray, mask: np.ndarray | None, keys: np.ndarray, hi
     return picture_grid([picture_tiles(image, mask, keys, high_res, bkg, key)])
 
 
+PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def picture_format(out: Path) -> str:
+    """PIL's format for a picture file, from its suffix; DataError for a suffix it is not written as."""
+    fmt = PICTURE_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:
+        raise DataError(f"--out {out}: name the picture .png, .jpg or .webp (the file name sets its format)")
+    return fmt
+
+
 def visualize(cfg: Config, ids: list[str], out: Path) -> Path:
-    """Write one PNG with a row per id (image, ground truth, CAMs, prediction, legend). The CAMs are read
+    """Write one picture (PNG, JPEG or WebP by the name of `out`) with a row per id (image, ground truth, CAMs, prediction, legend). The CAMs are read
     from eval.cams, or the run's CAM folder; a bad CAM or mask is a DataError naming the file or sample."""
+    fmt = picture_format(out)
     wanted = set(ids)
     cam_dir = Path(cfg.eval.cams) if cfg.eval.cams else cam_dir_for(cfg)
     idx = load_index(cfg.data.root, cfg.data.infer_split)
@@ -139,6 +151,6 @@ def visualize(cfg: Config, ids: list[str], out: Path) -> Path:
     if missing:
         raise DataError(f"visualize: id(s) not in split '{cfg.data.infer_split}': {', '.join(missing)}")
     sheet = picture_grid([rows[i] for i in ids])
-    atomic_write(out, lambda f: sheet.save(f, format="PNG"), "picture")
+    atomic_write(out, lambda f: sheet.convert("RGB").save(f, format=fmt), "picture")
     print(f"wrote {out}")
     return out
