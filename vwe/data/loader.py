@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vwe.data.index import SplitIndex, load_index
 from vwe.data.reading import RawSample, read_shard, remember_members, verify_shards
-from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, train_augment
+from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, seg_augment, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.runtime.errors import DataError, VweError
 from vwe.runtime.preempt import PREEMPT_SIGNALS
@@ -80,8 +80,8 @@ def _shard_order(n_shards: int, seed: int, epoch: int, rank: int, world: int) ->
 
 class _TrainStream(IterableDataset):
     def __init__(self, cfg, index: SplitIndex, rank: int, world: int, epoch: int, start_batch: int,
-                 total: int, batch: int):
-        self.d, self.index = cfg.data, index
+                 total: int, batch: int, seg_scales: tuple[float, ...] | None = None):
+        self.d, self.index, self.seg_scales = cfg.data, index, seg_scales
         self.skips = SkipPolicy.from_config(cfg)  # decides in the workers; the main process records
         self.seed = cfg.train.seed
         self.rank, self.world, self.epoch = rank, world, epoch
@@ -149,12 +149,21 @@ class _TrainStream(IterableDataset):
         crop = self.d.crop_size
         b = len(samples)
         image = _batch_tensor((b, 3, crop, crop))
+        target = _batch_tensor((b, crop, crop)) if self.seg_scales is not None else None
         ok = [False] * b
         for i, raw in enumerate(samples):
+            where = f"shard {raw.shard}, sample {raw.key!r}"
+            rng = sample_rng(self.seed, self.epoch, raw.key)
             try:
-                train_augment(raw.jpg, sample_rng(self.seed, self.epoch, raw.key), tuple(self.d.long_side), crop,
-                              self.d.flip, image[i], f"shard {raw.shard}, sample {raw.key!r}", raw.mask,
-                              self.d.resize)
+                if target is None:
+                    train_augment(raw.jpg, rng, tuple(self.d.long_side), crop, self.d.flip, image[i], where,
+                                  raw.mask, self.d.resize)
+                elif raw.target is None:
+                    raise DataError(f"{where}: no segmentation target ({raw.key}.target.png): train on a split "
+                                    f"made by `vwe prepare --labels-from`")
+                else:
+                    seg_augment(raw.jpg, raw.target, rng, self.seg_scales, crop, self.d.flip,
+                                image[i], target[i], where)
                 ok[i] = True
             except DataError as e:
                 skips = [*skips, self.skips.decide(raw.key, str(e))]  # raises under data.on_corrupt=error
@@ -171,9 +180,14 @@ class _TrainStream(IterableDataset):
                 if not ok[i]:
                     g = good[int(rng.integers(len(good)))]
                     image[i] = image[g]
+                    if target is not None:
+                        target[i] = target[g]
                     keys[i], labels[i] = keys[g], labels[g]
-        return {"image": image, "labels": torch.stack([_labels_vec(l) for l in labels]), "key": keys,
-                "skips": skips, "skipped": len(skips), "cpu_s": time.thread_time() - cpu_start}
+        out = {"image": image, "labels": torch.stack([_labels_vec(l) for l in labels]), "key": keys,
+               "skips": skips, "skipped": len(skips), "cpu_s": time.thread_time() - cpu_start}
+        if target is not None:
+            out["target"] = target
+        return out
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -235,11 +249,12 @@ def _run(dataset: IterableDataset, num_workers: int, kind: str = "process") -> I
 
 
 def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0,
-                  skips: SkipPolicy | None = None) -> Iterator[dict]:
+                  skips: SkipPolicy | None = None, seg_scales: tuple[float, ...] | None = None) -> Iterator[dict]:
     """This rank's micro-batches of one epoch, from micro-batch `start_batch` on (see module doc).
 
     Yields exactly steps_per_epoch(cfg) * train.grad_accum - start_batch dicts: `image` uint8
-    (B,3,S,S), `labels` float32 (B,20), `key` list[str], `skips` the corrupt samples skipped while
+    (B,3,S,S), `labels` float32 (B,20), with `seg_scales` (a segmentation split, seg_augment) also
+    `target` uint8 (B,S,S), `key` list[str], `skips` the corrupt samples skipped while
     making this batch (only with data.on_corrupt = skip; recorded into `skips` when given) and
     `skipped` their number.
     """
@@ -250,7 +265,7 @@ def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0,
     if not 0 <= start_batch <= total:
         raise VweError(f"start_batch {start_batch} outside 0..{total}")
     b = micro_batch_size(cfg, world)
-    ds = _TrainStream(cfg, idx, rank, world, epoch, start_batch, total, b)
+    ds = _TrainStream(cfg, idx, rank, world, epoch, start_batch, total, b, seg_scales)
     workers = min(cfg.data.num_workers, total - start_batch)
     if workers and cfg.data.worker_kind == "process":
         # worker processes are forked afresh each epoch: let them inherit the member offsets of this

@@ -139,3 +139,46 @@ def resize_pair(im: Image.Image, scale: float, flip: bool, resize: str = "bicubi
     if not flip:
         return a.unsqueeze(0)
     return torch.stack([a, a.flip(-1)])
+
+
+def seg_augment(jpg: bytes, target_png: bytes, rng: np.random.Generator, scales: tuple[float, ...], crop: int,
+                flip: bool, image_out: torch.Tensor, target_out: torch.Tensor, where: str,
+                ignore_index: int = 255) -> None:
+    """deeplab-pytorch's training augmentation (docs/segmentation.md) into `image_out` (3, crop, crop) uint8
+    and `target_out` (crop, crop) uint8: a scale drawn from `scales` (sides truncated as int(side x s)),
+    the image resized bilinearly (no antialiasing, as cv2.INTER_LINEAR) and the target by PIL's nearest,
+    padded at the bottom and right (image with the mean colour, target with `ignore_index`), a random
+    crop, a random horizontal flip.
+
+    Draws, in order: scale, crop y, crop x, flip; always all four, so the stream of draws does not depend
+    on the image.
+    """
+    scale = float(scales[int(rng.integers(len(scales)))])
+    uy, ux = rng.random(2)
+    do_flip = bool(rng.random() < 0.5) and flip
+    im = load_rgb(open_jpeg(jpg, where), where)
+    w0, h0 = im.size
+    try:
+        label = Image.open(io.BytesIO(target_png))
+        label.load()
+    except Exception as e:
+        raise DataError(f"{where}: cannot decode the target PNG: {e}") from None
+    if label.size != (w0, h0):
+        raise DataError(f"{where}: target is {label.size[0]}x{label.size[1]} but the image is {w0}x{h0}")
+    if label.mode not in ("L", "P"):
+        raise DataError(f"{where}: target must be an index PNG (mode P or L), got mode {label.mode}")
+    h, w = max(1, int(h0 * scale)), max(1, int(w0 * scale))
+    x = F.interpolate(to_tensor(im).float(), size=(h, w), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8)[0]
+    y = torch.from_numpy(np.asarray(label.resize((w, h), Image.NEAREST), dtype=np.uint8).copy())
+    ph, pw = max(h, crop), max(w, crop)
+    y0, x0 = int(uy * (ph - crop + 1)), int(ux * (pw - crop + 1))
+    image_out.copy_(torch.tensor(MEAN_UINT8, dtype=torch.uint8).view(3, 1, 1).expand_as(image_out))
+    target_out.fill_(ignore_index)
+    # the crop window of the padded image, intersected with the image itself
+    ch, cw = max(0, min(h - y0, crop)), max(0, min(w - x0, crop))
+    image_out[:, :ch, :cw].copy_(x[:, y0:y0 + ch, x0:x0 + cw])
+    target_out[:ch, :cw].copy_(y[y0:y0 + ch, x0:x0 + cw])
+    if do_flip:
+        image_out.copy_(image_out.flip(-1))
+        target_out.copy_(target_out.flip(-1))
