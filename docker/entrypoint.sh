@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Container entrypoint (also runs outside a container). Forms:
 #   <subcommand> [ARGS...]                      python -m vwe SUBCOMMAND ARGS   (a leading "vwe" is allowed)
+#   --version, or any other leading option      python -m vwe OPTIONS...
 #   launch [ACCELERATE FLAGS...] <subcommand> [ARGS...]
 #                                               accelerate launch FLAGS -m vwe SUBCOMMAND ARGS
 #   slurm-launch <subcommand> [ARGS...]         slurm/launch.sh: one launcher per node under srun
@@ -35,6 +36,7 @@ usage() {
     cat <<USAGE
 vwe container entrypoint
   <subcommand> [args]                          run vwe: ${SUBCOMMANDS[*]}
+  --version                                    vwe's version (any leading option goes to vwe)
   launch [accelerate flags] <subcommand> [args] run vwe under accelerate launch, e.g.
       launch --config_file launch/multi_gpu.yaml --num_processes 8 train --config configs/voc.yaml
   slurm-launch <subcommand> [args]             per-node launcher for srun (see slurm/launch.sh)
@@ -68,6 +70,9 @@ case "$1" in
     slurm-launch)
         shift
         exec "$VWE_HOME/slurm/launch.sh" "$@"
+        ;;
+    -*)
+        exec "$python" -m vwe "$@"
         ;;
     *)
         if is_subcommand "$1"; then
