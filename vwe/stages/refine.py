@@ -8,19 +8,17 @@ matches both and redoes the rest. Rank 0 writes `report.json` and `report.md`.
 """
 from __future__ import annotations
 
-import io
 import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
 
 from vwe.data.loader import infer_samples
-from vwe.data.voc import voc_palette
 from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
 from vwe.formats.config import Config, RefineConfig
+from vwe.formats.labels import encode_label_png, read_label_png
 from vwe.report.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
     pixel_accuracy
 from vwe.runtime.errors import DataError, VweError
@@ -29,7 +27,6 @@ from vwe.runtime.skips import SkipPolicy
 from vwe.stages.perimage import ImageWork, Output, run_per_image
 
 NUM_LABELS = 21  # background + 20 VOC classes
-SOURCE_KEY = "vwe_source"  # PNG text chunk: the CAM's hash and the settings the labels were made with
 CRF_EXTRA = "pip install 'vwe[crf]' (pydensecrf2), or use refine.method=threshold"
 
 
@@ -86,28 +83,6 @@ def crf_labels(image: np.ndarray, high_res: np.ndarray, keys: np.ndarray, rc: Re
 def threshold_labels(high_res: np.ndarray, keys: np.ndarray, bkg: float) -> np.ndarray:
     """The evaluation's label map (constant background score, argmax) as (H, W) uint8."""
     return cam_to_label(high_res, keys, bkg).astype(np.uint8)
-
-
-def encode_label_png(label: np.ndarray, source: str, palette: bool) -> bytes:
-    """An index PNG (mode L), or with `palette` a VOC-colour PNG (mode P, same index values)."""
-    im = Image.fromarray(label.astype(np.uint8), mode="P" if palette else "L")
-    if palette:
-        im.putpalette(voc_palette())
-    info = PngImagePlugin.PngInfo()
-    info.add_text(SOURCE_KEY, source)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
-def read_label_png(path: Path) -> tuple[np.ndarray, str] | None:
-    """(label map, its source text), or None when the file is absent or unreadable (then it is redone)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im, dtype=np.uint8), im.text.get(SOURCE_KEY, "")
-    except (OSError, ValueError, SyntaxError):
-        return None
 
 
 def check_crf_available() -> None:
