@@ -1,4 +1,4 @@
-"""Training checkpoints (Accelerate state + our counters) and the exported final weights.
+"""Training checkpoints on disk (Accelerate state + meta.json) and the exported final weights.
 
 Layout of a run directory:
     checkpoints/step-000200/   Accelerate state (model.safetensors, optimizer, RNG) + meta.json
@@ -9,11 +9,14 @@ Layout of a run directory:
 
 A checkpoint is complete when its folder has its final name; the rename happens only after every rank
 has written its part and the files are fsync'ed, so neither a killed process nor a node crash leaves a
-checkpoint that looks complete. meta.json records the SHA-256 of every file; resume verifies them all
-before anything is loaded (Accelerate and DeepSpeed unpickle optimizer and RNG state), so only files
-this run wrote are ever unpickled. Folders
-are named by optimizer step ourselves: Accelerate's automatic naming keeps a counter that load_state
-does not restore.
+checkpoint that looks complete. meta.json records the SHA-256 of every file; every load of a checkpoint
+folder (resume, `vwe infer` on a checkpoint's weights) verifies them all before anything is read
+(Accelerate and DeepSpeed unpickle optimizer and RNG state), so only files this run wrote are ever
+unpickled. meta.json also records the training state (`progress`, `schedule`), the config, and a digest of
+the data trained on (the training split's shard SHA-256s). Folders are named by optimizer step ourselves:
+Accelerate's automatic naming keeps a counter that load_state does not restore.
+
+When to save, which checkpoint to resume from, and what a resume may change: vwe/training/checkpointer.py.
 """
 from __future__ import annotations
 
@@ -22,25 +25,32 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from vwe.runtime.dist import collective_call
 from vwe.runtime.errors import CheckpointError
-from vwe.runtime.files import atomic_write, commit_dir, file_sha256, writing
+from vwe.runtime.files import (WriteError, atomic_write, commit_dir, file_sha256, free_bytes, mount_point, no_space,
+                               writing)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 META = "meta.json"
+WEIGHTS_FILE = "model.safetensors"  # in <run_dir>/final/ and in each training checkpoint folder
 # Model settings that change the shapes or names of the weights: a checkpoint must agree on them.
 SHAPE_KEYS = ("backbone", "num_classes", "num_words", "codebook", "norm")
-FINAL_WEIGHTS_NAME = Path("final") / "model.safetensors"
+FINAL_WEIGHTS_NAME = Path("final") / WEIGHTS_FILE
+MB = 1 << 20
 
 
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
+
+
+def step_folder(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint taken after `step` optimizer steps."""
+    return checkpoint_root(run_dir) / f"step-{step:06d}"
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -53,41 +63,81 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(accelerator, run_dir: Path, meta: dict, keep: int) -> Path:
-    """Save Accelerate state and `meta` into checkpoints/step-N; keep the newest `keep`.
+def data_digest(shard_sha256s: Iterable[str]) -> str:
+    """One SHA-256 for the data a run trains on: over its split's shard SHA-256s, in index order."""
+    return hashlib.sha256("\n".join(shard_sha256s).encode()).hexdigest()
 
-    Every rank writes its part into a temporary folder; rank 0 then records the SHA-256 of every file in
-    meta.json (written last), fsyncs the files and the folder, and renames it to its final name.
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_space(folder: Path, needed: int) -> None:
+    """WriteError naming the device when less than `needed` bytes are free where `folder` goes."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise space_error(folder, needed, free)
+
+
+def space_error(folder: Path, needed: int, free: int) -> WriteError:
+    return WriteError(f"cannot write checkpoint {folder}: no space left on the device {mount_point(folder)} "
+                      f"(needs about {-(-needed // MB)} MB, {free // MB} MB free); the previous checkpoints "
+                      f"are intact: free space, or lower train.keep_checkpoints, and run again to resume")
+
+
+def write_checkpoint(folder: Path, write_state: Callable[[Path], None], meta: dict, needed: int,
+                     main: bool, collective: Callable) -> Path:
+    """Write a checkpoint into `folder` (checkpoints/step-N): every rank's `write_state(tmp)` into a temporary
+    folder, then rank 0 records the SHA-256 of every file in meta.json (written last), fsyncs and renames.
+
+    `needed` is the checkpoint's expected size: refused before anything is written when the device has less
+    free, and named in the message when the device fills up during the write. `collective(fn, main_only)`
+    runs `fn` on every rank (or rank 0) and raises any rank's error on all of them.
     """
-    root = checkpoint_root(run_dir)
-    final = root / f"step-{meta['progress']['step']:06d}"
-    tmp = root / f".tmp-{final.name}"
+    tmp = folder.with_name(f".tmp-{folder.name}")
 
     def prepare() -> None:
         with writing(tmp, "checkpoint"):
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            check_space(tmp, needed)
+            tmp.mkdir()
 
-    def write_state() -> None:
-        with writing(tmp, "checkpoint"):
-            accelerator.save_state(str(tmp), safe_serialization=True)
+    def state() -> None:
+        try:
+            with writing(tmp, "checkpoint"):
+                write_state(tmp)
+        except Exception as e:
+            if no_space(e) or free_bytes(tmp) < MB:  # torch.save says only "file write failed"
+                raise space_error(tmp, needed, free_bytes(tmp) + _bytes_or_zero(tmp)) from e
+            raise
 
     def commit() -> None:
         files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write(tmp / META, json.dumps({**meta, "files": files}, indent=2), "checkpoint metadata")
-        commit_dir(tmp, final, "checkpoint")
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            atomic_write(tmp / META, json.dumps({**meta, "files": files}, indent=2), "checkpoint metadata")
+        except WriteError as e:
+            if no_space(e):
+                raise space_error(tmp, needed, free_bytes(tmp) + _bytes_or_zero(tmp)) from e
+            raise
+        commit_dir(tmp, folder, "checkpoint")
 
-    collective_call(prepare, main_only=True)
+    collective(prepare, main_only=True)
     try:
-        collective_call(write_state)
-        collective_call(commit, main_only=True)
+        collective(state)
+        collective(commit, main_only=True)
     except BaseException:
-        if accelerator.is_main_process:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    return folder
+
+
+def _bytes_or_zero(path: Path) -> int:
+    try:
+        return folder_bytes(path)
+    except OSError:
+        return 0
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -98,6 +148,8 @@ def verify_checkpoint(path: Path) -> str | None:
         return f"{path / META} is missing"
     except (ValueError, UnicodeDecodeError) as e:
         return f"{path / META} is corrupt ({e})"
+    except OSError as e:
+        return f"{path / META} cannot be read ({e.strerror})"
     files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict):
         return f"{path / META} records no checksums (written by an older vwe): it cannot be verified"
@@ -114,6 +166,14 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
+def verified_meta(path: Path, what: str = "checkpoint") -> dict:
+    """meta.json of a checkpoint folder whose files all match their recorded SHA-256; CheckpointError else."""
+    problem = verify_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"{what} {path} failed verification: {problem}")
+    return read_meta(path)
+
+
 def move_aside(path: Path, prefix: str) -> Path:
     """Rename a checkpoint folder so resume never picks it again; returns the new path."""
     target = path.with_name(f"{prefix}-{path.name}")
@@ -123,46 +183,6 @@ def move_aside(path: Path, prefix: str) -> Path:
         target = path.with_name(f"{prefix}{n}-{path.name}")
     os.replace(path, target)
     return target
-
-
-def select_checkpoint(resume: str, run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The verified checkpoint to resume from (or None) and warnings about checkpoints moved aside.
-
-    `auto`: the newest complete checkpoint that verifies; each one that does not is renamed to
-    `corrupt-step-N` and the previous one is tried. `none`: None. A path: that checkpoint, verified.
-    """
-    if resume == "none":
-        return None, []
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_dir():
-            raise CheckpointError(f"train.resume: checkpoint folder {path} does not exist")
-        problem = verify_checkpoint(path)
-        if problem:
-            raise CheckpointError(f"train.resume: checkpoint {path} failed verification: {problem}")
-        return path, []
-    warnings: list[str] = []
-    candidates = complete_checkpoints(run_dir)
-    for path in reversed(candidates):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path, warnings
-        aside = move_aside(path, "corrupt")
-        warnings.append(f"warning: checkpoint {path} failed verification ({problem}); moved to {aside}")
-    if candidates:
-        raise CheckpointError("no intact checkpoint left to resume from:\n  " + "\n  ".join(warnings) +
-                              "\nstart over with train.resume=none, or use a new output.run_dir")
-    return None, warnings
-
-
-def quarantine_diverged(run_dir: Path, bad_step: int) -> Path | None:
-    """A non-finite loss at `bad_step` was computed with the weights saved at `bad_step - 1`: rename that
-    checkpoint so resume never picks it. Returns the newest checkpoint left (the last good one) or None."""
-    suspect = checkpoint_root(run_dir) / f"step-{bad_step - 1:06d}"
-    if suspect.is_dir():
-        move_aside(suspect, "diverged")
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
@@ -175,12 +195,15 @@ def first_nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
 
 def read_meta(path: Path) -> dict:
     try:
-        return json.loads((path / META).read_text())
+        meta = json.loads((path / META).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {META}); "
                               f"complete ones are named step-NNNNNN under checkpoints/") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / META}: corrupt ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("progress"), dict):
+        raise CheckpointError(f"{path / META}: not a vwe checkpoint record (no training progress)")
+    return meta
 
 
 def check_compatible(meta: dict, model_cfg: dict, path: Path) -> None:
@@ -192,27 +215,16 @@ def check_compatible(meta: dict, model_cfg: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} was made for another model shape:\n  " + "\n  ".join(diffs))
 
 
-def load_checkpoint(accelerator, path: Path, model_cfg: dict) -> dict:
-    """Restore Accelerate state from a complete checkpoint after checking it fits this model."""
-    meta = read_meta(path)
-    check_compatible(meta, model_cfg, path)
-    try:
-        accelerator.load_state(str(path))
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {e}") from None
-    return meta
-
-
 def export_weights(state_dict: dict[str, torch.Tensor], config: dict, path: Path) -> str:
     """Write final weights as one safetensors file with the resolved config; returns its SHA-256.
-    An existing file holding the same tensors is kept (its hash is what CAMs made from it record)."""
+    An existing file holding the same tensors is kept (its SHA-256 is what CAMs made from it record)."""
     from safetensors.torch import save
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     bad = first_nonfinite(tensors.items())
     if bad is not None:
         raise CheckpointError(f"refusing to export {path}: tensor {bad} holds NaN or Inf")
     if _same_tensors(path, tensors):
-        return file_sha256(path)  # same weights (a rerun of a finished run): keep the file and its hash
+        return file_sha256(path)  # same weights (a rerun of a finished run): keep the file and its SHA-256
     data = save(tensors, metadata={"vwe_config": json.dumps(config)})
     atomic_write(path, data, "weights")
     return hashlib.sha256(data).hexdigest()
@@ -231,11 +243,14 @@ def _same_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read exported weights (no pickle) and the config stored with them."""
+    """Read exported weights (no pickle) and the config stored with them. Weights inside a training
+    checkpoint folder are read only after the whole folder verifies against its meta.json."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     if not path.is_file():
         raise CheckpointError(f"weights file {path} not found (train first, or set infer.weights)")
+    if (path.parent / META).is_file():
+        verified_meta(path.parent)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

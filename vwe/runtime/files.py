@@ -60,6 +60,32 @@ def path_problem(path: str | os.PathLike, e: OSError) -> str:
     return f"cannot use {path}: {os_cause(e, path)}"
 
 
+def mount_point(path: str | os.PathLike) -> Path:
+    """The mount point of the file system holding `path` (or its nearest existing parent)."""
+    p = _existing_parent(Path(path)).resolve()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `path`."""
+    return shutil.disk_usage(_existing_parent(Path(path))).free
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether an error (or one it wraps) is a full device or an exhausted quota. Serializers (torch.save,
+    safetensors) raise their own types, naming the OS error only in the text, or not at all."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(os.strerror(code) in str(e) for code in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes."""
     h = hashlib.sha256()

@@ -7,8 +7,8 @@ from typing import Any
 
 # Keys of the data/model/train sections that do not change the numbers training computes. Everything
 # else in those sections does (model, augmentation, optimiser, schedule, batch size, precision, seed).
-# Other sections (infer, eval, output, ...) never affect training. data.root is checked separately:
-# a new path is fine when it holds the same data (same shard checksums).
+# Other sections (infer, eval, output, ...) never affect training. data.root is only where the data is:
+# the data itself is compared separately, by the digest of its shard SHA-256s (vwe/training/checkpointer.py).
 NEUTRAL = frozenset({
     "data.root", "data.infer_split", "data.num_workers", "data.worker_kind", "data.verify_shards",
     "data.on_corrupt",

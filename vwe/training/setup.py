@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
-from torch.optim.lr_scheduler import LambdaLR
 
 from vwe.formats.config import Config, ConfigError, ModelConfig
 from vwe.runtime.dist import import_before_group
@@ -45,7 +44,7 @@ class Parts:
     model: torch.nn.Module      # as prepared by Accelerate (DDP / DeepSpeed engine)
     net: VWENet                 # the unwrapped network
     optimizer: torch.optim.Optimizer
-    scheduler: LambdaLR
+    scheduler: PolySchedule
     input_dtype: torch.dtype
     micro_batch: int
     steps_per_epoch: int
@@ -59,17 +58,38 @@ class Parts:
     def deepspeed(self) -> bool:
         return self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
-    def position_schedule(self, step: int) -> None:
-        """Put the schedule (and every group's lr) where it is after `step` optimizer steps."""
-        self.scheduler.last_epoch = step
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * poly_factor(step, self.max_steps, self.cfg.train.poly_power)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
 
 def poly_factor(step: int, max_steps: int, power: float) -> float:
     """Polynomial decay `(1 - step / max_steps) ** power`."""
     return (1 - min(step, max_steps) / max_steps) ** power
+
+
+class PolySchedule:
+    """Every group's lr = its base lr x poly_factor(step): stepped once per optimizer step, it gives the
+    lr before the update of step + 1. Its state is the step alone: the base lrs, max_steps and the power
+    come from the run's config, so a resume with allowed changes (train.lr, train.max_steps) follows the
+    new schedule from the checkpoint's step on, and the schedule restores through load_state_dict."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, power: float) -> None:
+        self.optimizer, self.max_steps, self.power = optimizer, max_steps, power
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.load_state_dict({"step": 0})
+
+    def step(self) -> None:
+        self.load_state_dict({"step": self.last_step + 1})
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = int(state["step"])
+        factor = poly_factor(self.last_step, self.max_steps, self.power)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -135,9 +155,21 @@ def built_model_config(cfg: Config, accelerator: Accelerator) -> ModelConfig:
     return cfg.model
 
 
+def check_pyramid_fits(cfg: Config) -> None:
+    """The training crop's feature map (ceil(crop / 16) at output stride 16) must hold the largest HSPP
+    level: refused here, before anything is written, rather than at the first forward."""
+    side = -(-cfg.data.crop_size // 16)
+    top = max(cfg.model.pool_levels)
+    if cfg.model.pooling == "hspp" and side < top:
+        raise ConfigError(f"model.pool_levels={cfg.model.pool_levels}: the largest level ({top}) does not fit the "
+                          f"{side}x{side} feature map of a data.crop_size={cfg.data.crop_size} crop (output stride "
+                          f"16); use data.crop_size >= {16 * (top - 1) + 1} or smaller levels")
+
+
 def build_parts(cfg: Config, accelerator: Accelerator, steps_epoch: int | None = None) -> Parts:
     """Model, SGD (backbone at lr, new layers at lr x head_lr_mult; docs/method.md) and the poly schedule
     at step 0, prepared by Accelerate. `steps_epoch` defaults to the training split's (from its index)."""
+    check_pyramid_fits(cfg)
     world = accelerator.num_processes
     micro_batch = micro_batch_size(cfg, world)
     model_cfg = built_model_config(cfg, accelerator)
@@ -156,7 +188,7 @@ def build_parts(cfg: Config, accelerator: Accelerator, steps_epoch: int | None =
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_epoch
     # Not prepared by Accelerate (which would step it once per process): stepped once per optimizer
     # step, it gives lr = base * poly(step) before the update of step+1, the numbers of the derived rule.
-    scheduler = LambdaLR(optimizer, lambda s: poly_factor(s, max_steps, cfg.train.poly_power))
+    scheduler = PolySchedule(optimizer, max_steps, cfg.train.poly_power)
     # DeepSpeed runs bf16/fp16 by casting the weights (no autocast): inputs must match them
     input_dtype = next(net.parameters()).dtype if accelerator.distributed_type == DistributedType.DEEPSPEED \
         else torch.float32

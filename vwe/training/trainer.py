@@ -1,7 +1,7 @@
 """The training loop of docs/method.md on Accelerate, as a short loop over named components.
 
 Setup builds the parts (vwe/training/setup.py); `train_step` runs one micro-step (vwe/training/step.py);
-the Checkpointer decides when to save and what may be saved or resumed (vwe/training/checkpointer.py); the
+the CheckpointManager decides when to save and what may be saved or resumed (vwe/training/checkpointer.py); the
 TrainLogger reports (vwe/training/logger.py). Once per optimizer step all ranks agree, in one small
 all-reduce, on divergence, preemption and skipped samples. SIGTERM/SIGUSR1 -> checkpoint -> exit 75.
 """
@@ -21,9 +21,9 @@ from vwe.runtime.dist import collective_call, gather_objects, reduce_sum
 from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
 from vwe.runtime.lock import RunLock
 from vwe.runtime.skips import SkipPolicy
-from vwe.training.checkpointer import Checkpointer, choose_checkpoint
+from vwe.training.checkpointer import CheckpointManager, training_data
 from vwe.training.logger import TrainLogger
-from vwe.training.setup import TrainState, build_parts, make_accelerator
+from vwe.training.setup import build_parts, make_accelerator
 from vwe.training.step import train_step
 
 
@@ -36,6 +36,8 @@ class Trainer:
         self.accelerator = make_accelerator(cfg)
         set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
         self.parts = build_parts(cfg, self.accelerator)  # data and model checks: nothing written yet
+        self.checkpoints = CheckpointManager(self.parts, self.run_dir, training_data(cfg))  # shards verified
+        self.checkpoints.preview_resume()  # resume path, model shape, drift, data: still nothing written
         self._closers: list = []
         lock = RunLock(self.run_dir, "vwe train")
         note = collective_call(lambda: lock.acquire().note, main_only=True)
@@ -48,9 +50,7 @@ class Trainer:
             raise
 
     def _setup(self, cfg: Config, lock_note: str | None) -> None:
-        resumed = choose_checkpoint(cfg, self.run_dir, self.accelerator.num_processes)
-        self.checkpointer = Checkpointer(self.parts, self.run_dir, resumed)
-        self.state = self.checkpointer.load(resumed) if resumed else TrainState()
+        self.state, resumed = self.checkpoints.resume()
         collective_call(lambda: save_config(cfg, self.run_dir / "config.yaml"), main_only=True)
         self.logger = TrainLogger(self.parts, self.run_dir, self.state, resumed is not None)
         self._closers.append(self.logger.close)
@@ -68,6 +68,8 @@ class Trainer:
     def fit(self) -> int:
         """Train to max_steps; returns 0, or PREEMPT_EXIT_CODE after checkpointing on a signal."""
         s, parts = self.state, self.parts
+        if self._preempted_before_training():
+            return PREEMPT_EXIT_CODE
         while s.step < parts.max_steps:
             for batch in self._batches():
                 losses = train_step(parts, batch)
@@ -80,21 +82,35 @@ class Trainer:
                 s.step += 1
                 diverged, preempted = self._agree()
                 if diverged:
-                    raise self.checkpointer.diverged(s, f"rank {parts.accelerator.process_index}: "
-                                                        f"{self.logger.window.last_values()}")
+                    raise self.checkpoints.quarantine_diverged(s, f"rank {parts.accelerator.process_index}: "
+                                                                  f"{self.logger.window.last_values()}")
                 self.logger.step(s)
                 if preempted:
-                    path = self.checkpointer.save(s)
+                    path = self.checkpoints.save(s)
                     self.logger.print(f"preempted (signal {self.preempt.signal}): checkpoint {path} saved at "
                                       f"step {s.step}; exiting with code {PREEMPT_EXIT_CODE}")
                     return PREEMPT_EXIT_CODE
-                self.checkpointer.maybe_save(s)
+                self.checkpoints.maybe_save(s)
                 if s.step >= parts.max_steps:
                     break
             else:
                 self._end_epoch()
-        self._summary(self.checkpointer.finish(s))
+        self._summary(self.checkpoints.finish(s))
         return 0
+
+    def _preempted_before_training(self) -> bool:
+        """A signal during start-up (any rank): exit 75 before the first step. No checkpoint is written: no
+        step was taken in this launch, so the checkpoint resumed from (or none) is exactly where the
+        requeued job starts again, and the time a step and a save would take may be all the job has left."""
+        flags = reduce_sum(torch.tensor([float(self.preempt.requested)], device=self.parts.device))
+        if not flags[0] > 0:
+            return False
+        where = f"from {self.checkpoints.last}" if self.checkpoints.last else "from the start"
+        sig = f"signal {self.preempt.signal}" if self.preempt.signal else "a signal on another rank"
+        self.logger.print(f"preempted ({sig}) before the first step: "
+                          f"nothing new to save, the next launch starts {where} (step {self.state.step}); "
+                          f"exiting with code {PREEMPT_EXIT_CODE}")
+        return True
 
     def _batches(self) -> Iterator[dict]:
         """This rank's micro-batches of the current epoch from the saved position, timing the data wait."""
