@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command in ("train", "pipeline"):
+        from vwe.runtime.preempt import catch_early
+        catch_early()  # SIGUSR1/SIGTERM during start-up: kept for the Trainer (exit 75), not fatal
     from vwe.runtime.logfile import quiet_third_party, run_log
     quiet_third_party()
     with run_log(_run_dir(args) if args.command in LOGGED_COMMANDS else None, args.command):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import math
 import os
 import re
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 
 from vwe.runtime.errors import VweError
-from vwe.runtime.files import path_problem
+from vwe.runtime.files import long_component, os_cause, path_problem
 
 
 class ConfigError(VweError):
@@ -318,11 +319,22 @@ def _build(cls: type, data: Any, prefix: str, src: str) -> Any:
     return cls(**kwargs)
 
 
+# Keys naming files or folders: a component longer than the file system allows is refused here, before
+# any command creates a folder or a log file under it.
+PATH_KEYS = ("data.root", "model.pretrained", "train.resume", "infer.weights", "infer.out_dir", "infer.legacy_dir",
+             "eval.cams", "refine.cam_dir", "refine.out_dir", "output.run_dir")
+
+
 def _validate(cfg: Config, src: str) -> None:
     """Cross-field checks that a single field's range cannot express."""
     for key, value in (("data.root", cfg.data.root), ("output.run_dir", cfg.output.run_dir)):
         if not value.strip():
             raise ConfigError(f"{src}: '{key}' is empty (an environment variable set to ''?); it names a folder")
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and "://" not in value and not value.startswith("pipe:") and long_component(value):
+            raise ConfigError(f"{src}: '{key}': {os_cause(OSError(errno.ENAMETOOLONG, ''), value)}: {value}")
     lo_hi = cfg.data.long_side
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
         raise ConfigError(f"{src}: 'data.long_side' must be [lo, hi] with 0 < lo <= hi, got {lo_hi}")

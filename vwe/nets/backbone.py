@@ -210,6 +210,20 @@ def fetch_imagenet_weights(name: str) -> Path:
     return path
 
 
+def weights_only_refusal(e: Exception) -> str:
+    """torch.load's error, without its advice to retry with weights_only=False: that would run whatever
+    code the file carries, and a weights file never needs it."""
+    text = str(e)
+    if "weights_only" not in text:
+        return text
+    first = next((line.strip() for line in text.splitlines() if line.strip()
+                  and "weights_only" not in line and "Weights only load failed" not in line
+                  and not line.strip().startswith(("(1)", "(2)", "Please file", "Check the documentation"))), "")
+    reason = first.removeprefix("WeightsUnpickler error: ").strip()
+    return (f"it holds more than tensors (pickled objects, refused: only plain state dicts are read)"
+            + (f": {reason}" if reason else ""))
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A .safetensors or .pth/.pt state dict (no pickled code: weights_only=True)."""
     if not path.is_file():
@@ -221,7 +235,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read weights file {path}: {e}") from None
+        raise CheckpointError(f"cannot read weights file {path}: {weights_only_refusal(e)}") from None
     if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
         state = next(iter(state.values()))  # {"state_dict": {...}} / {"model": {...}} wrappers
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

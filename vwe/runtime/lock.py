@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from vwe.runtime.errors import VweError
-from vwe.runtime.files import writing
+from vwe.runtime.files import WriteError, writing
 
 LOCK_NAME = ".lock"
 
@@ -61,6 +61,10 @@ class RunLock:
             return self
         with writing(self.run_dir, "run directory"):
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise WriteError(f"cannot write lock file {self.path}: it is a directory (remove it: vwe keeps "
+                             f"its run lock in this file)")
+        with writing(self.path, "lock file"):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         previous = self._read(fd)
         try:

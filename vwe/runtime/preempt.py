@@ -29,11 +29,25 @@ class PreemptionFlag:
             self.signal = signal.Signals(signum)
 
     def install(self) -> "PreemptionFlag":
+        """Handle the preemption signals from now on. A flag installed before (`catch_early`) hands over the
+        signal it recorded, and `restore` goes back to the handlers that were there before it."""
         for sig in PREEMPT_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            earlier = getattr(previous, "__self__", None)
+            if isinstance(earlier, PreemptionFlag) and earlier is not self:
+                self.signal = self.signal or earlier.signal
+                previous = earlier._previous.get(sig, signal.SIG_DFL)
+            self._previous[sig] = previous
         return self
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def catch_early() -> PreemptionFlag:
+    """Record a preemption signal that comes during start-up (imports, config, model and data checks), before
+    the command installs its own flag, which then takes it over: SIGUSR1's default action would kill the
+    process (exit 138) instead of the exit 75 that requeues the job."""
+    return PreemptionFlag().install()

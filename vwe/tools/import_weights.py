@@ -18,6 +18,7 @@ import torch
 
 from vwe.formats.checkpoint import export_weights
 from vwe.formats.config import Config, load_config, repo_configs_dir
+from vwe.nets.backbone import weights_only_refusal
 from vwe.runtime.errors import CheckpointError
 
 SOURCES = ("vwe-2021", "vwl-l", "vwl-m")
@@ -130,7 +131,8 @@ def read_authors_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch's own errors for corrupt or non-tensor files
-        raise WeightsImportError(f"weights file {path}: unreadable as a weights-only state dict ({e})") from None
+        raise WeightsImportError(f"weights file {path}: unreadable as a weights-only state dict "
+                                 f"({weights_only_refusal(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise WeightsImportError(f"weights file {path}: not a state dict (a mapping of names to tensors)")
