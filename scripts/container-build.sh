@@ -25,7 +25,7 @@ python="${PYTHON:-python3}"
 packages="python3,python3-venv,python3-pip"
 mkdir -p "$cache/tmp"
 
-log() { echo "container-build: $*" >&2; }
+log() { echo "container-build [${SECONDS}s]: $*" >&2; }
 for tool in podman debootstrap; do
     command -v "$tool" >/dev/null || { log "$tool is not installed (apt-get install podman runc debootstrap)"; exit 2; }
 done
@@ -81,14 +81,16 @@ import os, re, subprocess, sys
 from urllib.parse import unquote, urlparse
 
 out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-sections = {}
+sections, env = {}, {}
 for line in out.splitlines():  # e.g. global.find-links='/opt/wheels', :env:.cert='/etc/ssl/...'
     m = re.match(r"^([^.]*)\.([^=]+)='(.*)'$", line)
-    if not m:
-        continue
-    section, name, value = m.groups()
-    section = "global" if section == ":env:" else section  # the environment overrides the files
-    sections.setdefault(section, {})[name] = value
+    if m:
+        section, name, value = m.groups()
+        (env if section == ":env:" else sections.setdefault(section, {}))[name] = value
+for name, value in env.items():  # PIP_* variables override every file's setting
+    for values in sections.values():
+        values.pop(name, None)
+    sections.setdefault("global", {})[name] = value
 paths = set()
 for values in sections.values():
     for name, value in values.items():
@@ -112,7 +114,7 @@ volumes=()
 for m in "${mounts[@]}"; do
     [ -n "$m" ] && volumes+=(--volume "$m:ro")
 done
-log "pip configuration for the build: $(tr '\n' ' ' <"$conf")"
+log "pip configuration for the build: $(tr '\n' ' ' <"$conf" | sed -E 's#//[^/@ ]+@#//***@#g')"
 
 # --- 3. the image
 log "podman build $image from $base"
@@ -127,4 +129,5 @@ current="$(podman image inspect --format '{{.Id}}' "$image")"
 if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
     podman rmi "$previous" >/dev/null 2>&1 || log "could not remove the previous $image ($previous)"
 fi
+log "built $image"
 echo "$image"

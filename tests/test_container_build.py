@@ -2,10 +2,11 @@
 on it (scripts/container-build.sh), then run as a user would on a cluster: an arbitrary uid with no home in
 the image, a read-only root file system, no network, the work in a bind-mounted folder.
 
-Costs (2-core machine, PyPI wheels from a local mirror): cold ~7 min (debootstrap ~1 min, pip install of
-torch's CUDA build and the rest ~4 min, committing the 6.6 GB layer); a warm run reuses the cached base
-tarball and image layers (seconds when only the code changed, ~3 min when setup.cfg changed). The image
-(localhost/vwe:test) stays in podman's storage for the next run: `podman rmi localhost/vwe:test` frees it.
+Measured on a 2-core machine with PyPI wheels from a local mirror: cold 4-7 min for the whole module
+(debootstrap ~45 s; pip install of torch's CUDA build and the rest, and committing the 6.6 GB image, ~3
+min; the runs ~30 s). Warm, with the base tarball in /var/cache/vwe-container and the image's layers in
+podman's storage: ~30 s when only the code changed, ~4 min when setup.cfg changed. The image
+(localhost/vwe:test) stays for the next run: `podman rmi localhost/vwe:test` frees it.
 """
 from __future__ import annotations
 
