@@ -19,6 +19,7 @@ from vwe.formats.config import load_config
 from vwe.runtime.errors import CheckpointError
 from vwe.runtime.files import WriteError
 from vwe.training.checkpointer import CheckpointManager, ConfigDrift, DataRecord, NonFinite
+from vwe.training.recipe import CamRecipe
 from vwe.training.setup import Parts, PolySchedule, TrainState, poly_factor
 
 MAX_STEPS = 10
@@ -47,7 +48,8 @@ def make_parts(*overrides: str) -> Parts:
     model, optimizer = acc.prepare(net, optimizer)
     return Parts(cfg=cfg, model_cfg=cfg.model, accelerator=acc, model=model, net=acc.unwrap_model(model),
                  optimizer=optimizer, scheduler=PolySchedule(optimizer, MAX_STEPS, cfg.train.poly_power),
-                 input_dtype=torch.float32, micro_batch=4, steps_per_epoch=5, max_steps=MAX_STEPS)
+                 input_dtype=torch.float32, micro_batch=4, steps_per_epoch=5, max_steps=MAX_STEPS,
+                 recipe=CamRecipe())
 
 
 DATA = DataRecord("train_aug", "/data/shards", 2, data_digest(["a" * 64, "b" * 64]))

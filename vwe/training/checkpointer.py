@@ -30,6 +30,7 @@ from vwe.formats.config import Config
 from vwe.runtime.dist import collective_call, gather_objects
 from vwe.runtime.errors import CheckpointError, VweError
 from vwe.training.drift import Change, config_changes
+from vwe.training.recipe import Recipe
 from vwe.training.setup import Parts, TrainState
 
 
@@ -128,12 +129,13 @@ def select_checkpoint(resume: str, run_dir: Path, verify: bool = True) -> tuple[
     return None, warnings
 
 
-def check_resume(path: Path, meta: dict, cfg: Config, data: DataRecord, world: int, run_dir: Path) -> Resumed:
+def check_resume(path: Path, meta: dict, cfg: Config, data: DataRecord, world: int, run_dir: Path,
+                 recipe: Recipe) -> Resumed:
     """Whether this config may continue from the checkpoint: same model shape always; the same
     result-changing settings and the same training data unless train.resume_changed=allow."""
     check_compatible(meta, dataclasses.asdict(cfg.model), path)
     saved = meta.get("config", {})
-    blocking, neutral = config_changes(saved, cfg.to_dict())
+    blocking, neutral = config_changes(saved, cfg.to_dict(), recipe.sections, recipe.neutral)
     data_change = _data_change(meta, data, cfg)
     if data_change is not None:
         blocking.append(data_change)
@@ -214,7 +216,8 @@ class CheckpointManager:
         path, _ = select_checkpoint(self.cfg.train.resume, self.run_dir, verify=False)
         if path is None:
             return None
-        return check_resume(path, read_meta(path), self.cfg, self.data, self._world, self.run_dir)
+        return check_resume(path, read_meta(path), self.cfg, self.data, self._world, self.run_dir,
+                            self.parts.recipe)
 
     def resume(self) -> tuple[TrainState, Resumed | None]:
         """Select and verify the checkpoint (all ranks agree; rank 0 moves failed ones aside), check it
@@ -223,7 +226,8 @@ class CheckpointManager:
                                          main_only=True)
         if path is None:
             return TrainState(), None
-        resumed = check_resume(path, read_meta(path), self.cfg, self.data, self._world, self.run_dir)
+        resumed = check_resume(path, read_meta(path), self.cfg, self.data, self._world, self.run_dir,
+                               self.parts.recipe)
         resumed.notes[:0] = warnings
         self.last, self.changes = path, resumed.changes
         return self._restore(resumed), resumed

@@ -40,16 +40,18 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(saved: dict, now: dict) -> tuple[list[Change], list[Change]]:
-    """(changes that alter the result, changes that do not) between two config dicts, by dotted key."""
-    a = flatten({s: saved.get(s, {}) for s in TRAINING_SECTIONS})
-    b = flatten({s: now.get(s, {}) for s in TRAINING_SECTIONS})
+def config_changes(saved: dict, now: dict, sections: tuple[str, ...] = TRAINING_SECTIONS,
+                   neutral_keys: frozenset[str] = frozenset()) -> tuple[list[Change], list[Change]]:
+    """(changes that alter the result, changes that do not) between two config dicts, by dotted key, over
+    the training's `sections`; NEUTRAL and `neutral_keys` (a recipe's own) do not alter it."""
+    a = flatten({s: saved.get(s, {}) for s in sections})
+    b = flatten({s: now.get(s, {}) for s in sections})
     result, neutral = [], []
     for key in sorted(a.keys() | b.keys()):
         old, new = a.get(key, NOT_RECORDED), b.get(key, NOT_RECORDED)
         if _same(old, new):
             continue
-        (neutral if key in NEUTRAL else result).append(Change(key, old, new))
+        (neutral if key in NEUTRAL or key in neutral_keys else result).append(Change(key, old, new))
     return result, neutral
 
 

@@ -14,7 +14,7 @@ from vwe.formats.config import Config, ConfigError, ModelConfig
 from vwe.runtime.dist import import_before_group
 from vwe.data.loader import micro_batch_size, steps_per_epoch
 from vwe.runtime.device import native_bf16, precision_note, resolve_precision
-from vwe.nets.cam import VWENet, build_model, param_groups
+from vwe.training.recipe import CamRecipe, Recipe
 
 
 @dataclass
@@ -42,13 +42,14 @@ class Parts:
     model_cfg: ModelConfig
     accelerator: Accelerator
     model: torch.nn.Module      # as prepared by Accelerate (DDP / DeepSpeed engine)
-    net: VWENet                 # the unwrapped network
+    net: torch.nn.Module        # the unwrapped network
     optimizer: torch.optim.Optimizer
     scheduler: PolySchedule
     input_dtype: torch.dtype
     micro_batch: int
     steps_per_epoch: int
     max_steps: int
+    recipe: Recipe
 
     @property
     def device(self) -> torch.device:
@@ -60,9 +61,10 @@ class Parts:
 
 
 
-def poly_factor(step: int, max_steps: int, power: float) -> float:
-    """Polynomial decay `(1 - step / max_steps) ** power`."""
-    return (1 - min(step, max_steps) / max_steps) ** power
+def poly_factor(step: int, max_steps: int, power: float, every: int = 1) -> float:
+    """Polynomial decay `(1 - s / max_steps) ** power` at s = step rounded down to a multiple of `every`
+    (deeplab-pytorch updates its lr every 10 iterations: docs/segmentation.md)."""
+    return (1 - min(every * (step // every), max_steps) / max_steps) ** power
 
 
 class PolySchedule:
@@ -71,8 +73,8 @@ class PolySchedule:
     come from the run's config, so a resume with allowed changes (train.lr, train.max_steps) follows the
     new schedule from the checkpoint's step on, and the schedule restores through load_state_dict."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, power: float) -> None:
-        self.optimizer, self.max_steps, self.power = optimizer, max_steps, power
+    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, power: float, every: int = 1) -> None:
+        self.optimizer, self.max_steps, self.power, self.every = optimizer, max_steps, power, every
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.load_state_dict({"step": 0})
 
@@ -87,7 +89,7 @@ class PolySchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step = int(state["step"])
-        factor = poly_factor(self.last_step, self.max_steps, self.power)
+        factor = poly_factor(self.last_step, self.max_steps, self.power, self.every)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
@@ -155,28 +157,19 @@ def built_model_config(cfg: Config, accelerator: Accelerator) -> ModelConfig:
     return cfg.model
 
 
-def check_pyramid_fits(cfg: Config) -> None:
-    """The training crop's feature map (ceil(crop / 16) at output stride 16) must hold the largest HSPP
-    level: refused here, before anything is written, rather than at the first forward."""
-    side = -(-cfg.data.crop_size // 16)
-    top = max(cfg.model.pool_levels)
-    if cfg.model.pooling == "hspp" and side < top:
-        raise ConfigError(f"model.pool_levels={cfg.model.pool_levels}: the largest level ({top}) does not fit the "
-                          f"{side}x{side} feature map of a data.crop_size={cfg.data.crop_size} crop (output stride "
-                          f"16); use data.crop_size >= {16 * (top - 1) + 1} or smaller levels")
-
-
-def build_parts(cfg: Config, accelerator: Accelerator, steps_epoch: int | None = None) -> Parts:
-    """Model, SGD (backbone at lr, new layers at lr x head_lr_mult; docs/method.md) and the poly schedule
-    at step 0, prepared by Accelerate. `steps_epoch` defaults to the training split's (from its index)."""
-    check_pyramid_fits(cfg)
+def build_parts(cfg: Config, accelerator: Accelerator, recipe: Recipe | None = None,
+                steps_epoch: int | None = None) -> Parts:
+    """The recipe's network (the CAM network by default), SGD over its parameter groups and the poly
+    schedule at step 0, prepared by Accelerate. `steps_epoch` defaults to the training split's (from its index)."""
+    recipe = recipe or CamRecipe()
+    recipe.check(cfg)
     world = accelerator.num_processes
     micro_batch = micro_batch_size(cfg, world)
     model_cfg = built_model_config(cfg, accelerator)
-    model = build_model(model_cfg)
+    model = recipe.build(cfg, model_cfg)
     if cfg.train.compile:
         model = torch.compile(model)
-    groups = param_groups(model, cfg.train.lr, cfg.train.head_lr_mult, cfg.train.weight_decay)
+    groups = recipe.param_groups(model, cfg)
     optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
     configure_deepspeed(accelerator, micro_batch, cfg)
@@ -188,10 +181,10 @@ def build_parts(cfg: Config, accelerator: Accelerator, steps_epoch: int | None =
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_epoch
     # Not prepared by Accelerate (which would step it once per process): stepped once per optimizer
     # step, it gives lr = base * poly(step) before the update of step+1, the numbers of the derived rule.
-    scheduler = PolySchedule(optimizer, max_steps, cfg.train.poly_power)
+    scheduler = PolySchedule(optimizer, max_steps, cfg.train.poly_power, recipe.schedule_every)
     # DeepSpeed runs bf16/fp16 by casting the weights (no autocast): inputs must match them
     input_dtype = next(net.parameters()).dtype if accelerator.distributed_type == DistributedType.DEEPSPEED \
         else torch.float32
     return Parts(cfg=cfg, model_cfg=model_cfg, accelerator=accelerator, model=model, net=net,
                  optimizer=optimizer, scheduler=scheduler, input_dtype=input_dtype, micro_batch=micro_batch,
-                 steps_per_epoch=steps_epoch, max_steps=max_steps)
+                 steps_per_epoch=steps_epoch, max_steps=max_steps, recipe=recipe)

@@ -14,7 +14,7 @@ from vwe.training.setup import Parts
 def train_step(parts: Parts, batch: dict, mark: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """Forward, loss, backward and (on an accumulation boundary) the SGD update and schedule step.
 
-    `batch` holds uint8 images (B, 3, H, W) and multi-hot labels; returns the loss terms. `mark(phase)`,
+    `batch` holds uint8 images (B, 3, H, W) and what the recipe's loss needs; returns the loss terms. `mark(phase)`,
     when given, is called after each phase ("forward", "backward", "optimizer") with the device synced.
     """
     acc = parts.accelerator
@@ -23,10 +23,9 @@ def train_step(parts: Parts, batch: dict, mark: Callable[[str], None] | None = N
         images = normalize(batch["image"].to(parts.device, non_blocking=True)).to(parts.input_dtype)
         if parts.model_cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        labels = batch["labels"].to(parts.device, non_blocking=True)
         with acc.autocast():
             out = parts.model(images)
-        losses = parts.net.losses(out, labels)
+        losses = parts.recipe.losses(parts.net, out, batch, parts.device)
         _mark(mark, "forward", parts)
         acc.backward(losses["loss"])
         _mark(mark, "backward", parts)

@@ -16,13 +16,13 @@ import torch
 from accelerate.utils import set_seed
 
 from vwe.formats.config import Config, save_config
-from vwe.data.loader import train_batches
 from vwe.runtime.dist import collective_call, gather_objects, reduce_sum
 from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
 from vwe.runtime.lock import RunLock
 from vwe.runtime.skips import SkipPolicy
 from vwe.training.checkpointer import CheckpointManager, training_data
 from vwe.training.logger import TrainLogger
+from vwe.training.recipe import CamRecipe, Recipe
 from vwe.training.setup import build_parts, make_accelerator
 from vwe.training.step import train_step
 
@@ -31,15 +31,16 @@ class Trainer:
     """Builds a run (every check that can fail comes before anything is written), trains it, and releases
     its resources (lock, signal handlers, metrics file, TensorBoard) on every exit path."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, recipe: Recipe | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(cfg.output.run_dir)
+        self.recipe = recipe or CamRecipe()
         self.accelerator = make_accelerator(cfg)
         set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
-        self.parts = build_parts(cfg, self.accelerator)  # data and model checks: nothing written yet
+        self.parts = build_parts(cfg, self.accelerator, self.recipe)  # data and model checks: nothing written yet
         self.checkpoints = CheckpointManager(self.parts, self.run_dir, training_data(cfg))  # shards verified
         self.checkpoints.preview_resume()  # resume path, model shape, drift, data: still nothing written
         self._closers: list = []
-        lock = RunLock(self.run_dir, "vwe train")
+        lock = RunLock(self.run_dir, self.recipe.command)
         note = collective_call(lambda: lock.acquire().note, main_only=True)
         if self.accelerator.is_main_process:
             self._closers.append(lock.release)
@@ -114,8 +115,8 @@ class Trainer:
 
     def _batches(self) -> Iterator[dict]:
         """This rank's micro-batches of the current epoch from the saved position, timing the data wait."""
-        it = iter(train_batches(self.cfg, self.accelerator.process_index, self.accelerator.num_processes,
-                                self.state.epoch, start_batch=self.state.micro, skips=self.skips))
+        it = iter(self.recipe.batches(self.cfg, self.accelerator.process_index, self.accelerator.num_processes,
+                                      self.state.epoch, self.state.micro, self.skips))
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -160,9 +161,10 @@ class Trainer:
         self._closers.clear()
 
 
-def train(cfg: Config) -> int:
-    """Train the network of cfg.model on cfg.data.train_split; returns 0, or PREEMPT_EXIT_CODE."""
-    trainer = Trainer(cfg)
+def train(cfg: Config, recipe: Recipe | None = None) -> int:
+    """Train the recipe's network (default: the CAM network of cfg.model on cfg.data.train_split); returns
+    0, or PREEMPT_EXIT_CODE."""
+    trainer = Trainer(cfg, recipe)
     try:
         code = trainer.fit()
     finally:
