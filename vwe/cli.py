@@ -50,7 +50,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         from vwe.data.targets import prepare_targets
         if not args.split:
             raise DataError("--labels-from needs --split NAME, the new split's name (e.g. train_aug_pseudo)")
-        prepare_targets(out, args.from_split, args.split, Path(args.labels_from), shard_size=args.shard_size)
+        prepare_targets(out, args.from_split, args.split, Path(args.labels_from), shard_size=args.shard_size,
+                        source_root=args.data)
         return 0
     from vwe.data.prepare import prepare
     prepare(Path(args.voc), Path(args.sbd) if args.sbd else None, out, shard_size=args.shard_size,
@@ -82,6 +83,18 @@ def cmd_refine(args: argparse.Namespace) -> int:
     return refine(cfg) or 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from vwe.stages.segment import segment
+    return segment(cfg) or 0
+
+
+def cmd_segment_eval(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from vwe.stages.segment_eval import segment_eval
+    return segment_eval(cfg) or 0
+
+
 def cmd_import_weights(args: argparse.Namespace) -> int:
     from vwe.tools.import_weights import import_weights
     import_weights(args.source, Path(args.file), Path(args.out),
@@ -92,7 +105,7 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     cfg = _config(args)
     from vwe.stages.pipeline import run_pipeline
-    return run_pipeline(cfg) or 0
+    return run_pipeline(cfg, until=args.until) or 0
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
@@ -162,15 +175,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "tool's, or ground truth): write a segmentation split pairing them with --from-split")
     p.add_argument("--split", default=None, help="(--labels-from) the new split's name, e.g. train_aug_pseudo")
     p.add_argument("--from-split", default="train_aug",
-                   help="(--labels-from) the split in --out whose images the labels belong to")
+                   help="(--labels-from) the split whose images the labels belong to")
+    p.add_argument("--data", default=None, metavar="ROOT",
+                   help="(--labels-from) the data root holding --from-split (default: --out)")
     p.set_defaults(func=cmd_prepare)
 
     for name, func, text in [("train", cmd_train, "train the CAM network"),
                              ("infer", cmd_infer, "multi-scale CAM inference, sharded over ranks"),
-                             ("pipeline", cmd_pipeline, "train, infer and evaluate in one launch")]:
+                             ("segment", cmd_segment, "train DeepLabV2 on a label split (the seg section)"),
+                             ("segment-eval", cmd_segment_eval,
+                              "segmentation predictions (multi-scale, CRF) and their mIoU, sharded over ranks")]:
         p = sub.add_parser(name, help=text, description=text, epilog=SETTINGS_EPILOG)
         _add_config_args(p)
         p.set_defaults(func=func)
+
+    text = "the chain in one launch: train, infer, evaluate (and with --until: refine, label split, DeepLab)"
+    p = sub.add_parser("pipeline", help=text, description=text, epilog=SETTINGS_EPILOG)
+    _add_config_args(p)
+    p.add_argument("--until", default="evaluate", choices=["evaluate", "refine", "segment"],
+                   help="last stage: evaluate (CAM mIoU), refine (+ CRF pseudo labels), segment (+ label split, "
+                        "DeepLab training and its val mIoU); each stage skips what is done")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("evaluate", help="CAM mIoU against the ground-truth masks", epilog=SETTINGS_EPILOG)
     _add_config_args(p)
@@ -245,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    if args.command in ("train", "pipeline"):
+    if args.command in ("train", "pipeline", "segment"):
         from vwe.runtime.preempt import catch_early
         catch_early()  # SIGUSR1/SIGTERM during start-up: kept for the Trainer (exit 75), not fatal
     from vwe.runtime.logfile import quiet_third_party, run_log
@@ -269,7 +294,7 @@ def _leave_process_group() -> None:
 
 
 # Commands whose output is kept as <run_dir>/<command>.log (docs/training.md, "Seeing it run").
-LOGGED_COMMANDS = ("train", "infer", "evaluate", "pipeline", "refine")
+LOGGED_COMMANDS = ("train", "infer", "evaluate", "pipeline", "refine", "segment", "segment-eval")
 
 
 def _run_dir(args: argparse.Namespace) -> str | None:

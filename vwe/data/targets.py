@@ -45,17 +45,19 @@ def check_target(data: bytes, size: tuple[int, int], where: str) -> np.ndarray:
 
 
 def prepare_targets(root: Path, source_split: str, split: str, labels_dir: Path, shard_size: int = 1000,
-                    max_listed: int = 20) -> Path:
-    """Write split `split` under the local data root `root`: every sample of `source_split` with its label
-    PNG from `labels_dir`; returns the new index. DataError listing every problem, before any write."""
+                    max_listed: int = 20, source_root: str | Path | None = None) -> Path:
+    """Write split `split` under the local data root `root`: every sample of `source_split` (in
+    `source_root`, default `root`) with its label PNG from `labels_dir`; returns the new index. DataError
+    listing every problem, before any write."""
     if shard_size < 1:
         raise DataError(f"shard size must be >= 1, got {shard_size}")
     if is_remote(root):
         raise DataError(f"--out {root}: a segmentation split is written into a local data folder")
-    if split in SPLITS or split == source_split:
+    same_root = source_root is None or str(source_root) == str(root)
+    if same_root and (split in SPLITS or split == source_split):
         raise DataError(f"--split {split!r}: name the new split something other than the splits `vwe prepare` "
                         f"writes ({', '.join(SPLITS)}) and its source, e.g. {source_split}_pseudo")
-    index = load_index(root, source_split)
+    index = load_index(root if source_root is None else source_root, source_split)
     files = label_files(Path(labels_dir))
     keys = index.keys
     problems = [f"image {k!r} of split '{source_split}': no label {Path(labels_dir) / (k + '.png')}"
@@ -66,8 +68,9 @@ def prepare_targets(root: Path, source_split: str, split: str, labels_dir: Path,
         problems = list(_check_all(index, files))
     if problems:
         raise DataError(problem_list(f"--labels-from {labels_dir}: {len(problems)} problem(s) pairing it with "
-                                     f"split '{source_split}' ({index_path(root, source_split)})",
+                                     f"split '{source_split}' ({index_path(index.root, source_split)})",
                                      problems, max_listed))
+    Path(root).mkdir(parents=True, exist_ok=True)
     infos, rewritten, batch = [], 0, []
     for shard in index.shards:
         for raw in read_shard(index, shard):

@@ -147,6 +147,87 @@ class RefineConfig:
 
 
 @dataclass
+class SegConfig:
+    """The segmentation stage (docs/segmentation.md): DeepLabV2 trained on a label split, scored on val.
+    Defaults are deeplab-pytorch's configs/voc12.yaml recipe."""
+    train_split: str = _opt("train_aug_pseudo", doc="label split DeepLab trains on (made by `vwe prepare "
+                                                    "--labels-from`; the pipeline makes it from the pseudo labels)")
+    data_root: str = _opt("", doc="where train_split is (a data root); empty: <seg dir>/shards, where the pipeline "
+                                  "writes it")
+    eval_split: str = _opt("val", doc="split of data.root the trained network is scored on (test: predictions only)")
+    backbone: str = _opt("resnet101", choices=("resnet50", "resnet101"), doc="torchvision ResNet at output stride 8")
+    pretrained: str = _opt("imagenet", doc="imagenet | none | path to an ImageNet ResNet state dict "
+                                           "(segmentation weights are refused: they saw VOC masks)")
+    norm: str = _opt("frozen_all", choices=("frozen_all", "frozen", "batch", "syncbatch", "group"),
+                     doc="frozen_all: BatchNorm fixed as in the recipe; batch/syncbatch/group to train from scratch")
+    num_classes: int = _opt(21, min=2, doc="classes including background")
+    aspp_rates: list[int] = _opt([6, 12, 18, 24], doc="ASPP dilations (four 3x3 branches, summed)")
+    msc_scales: list[float] = _opt([0.5, 0.75], doc="extra training input scales beside 1.0; each output and "
+                                                    "their max get a loss; [] for single scale")
+    crop_size: int = _opt(321, min=16, doc="training crop (padding: image mean, label 255)")
+    scales: list[float] = _opt([0.5, 0.75, 1.0, 1.25, 1.5], doc="random rescale choices before the crop")
+    flip: bool = _opt(True, doc="random horizontal flip in training")
+    batch_size: int = _opt(10, min=1, doc="global batch per optimizer step (all processes and accumulation steps)")
+    grad_accum: int = _opt(2, min=1, doc="micro-batches accumulated per optimizer step")
+    max_steps: int = _opt(20000, min=1, doc="optimizer steps (iterations)")
+    lr: float = _opt(2.5e-4, min=0.0, doc="backbone learning rate")
+    head_lr_mult: float = _opt(10.0, min=0.0, doc="ASPP weights learn at lr x this")
+    head_bias_lr_mult: float = _opt(20.0, min=0.0, doc="ASPP biases learn at lr x this (no weight decay)")
+    momentum: float = _opt(0.9, min=0.0, max=1.0, doc="SGD momentum")
+    weight_decay: float = _opt(5e-4, min=0.0, doc="SGD weight decay (not on the ASPP biases)")
+    poly_power: float = _opt(0.9, min=0.0, doc="lr x (1 - s / max_steps) ** poly_power")
+    lr_every: int = _opt(10, min=1, doc="steps between lr updates (s rounded down to a multiple; the recipe's 10)")
+    mixed_precision: str = _opt("auto", choices=("auto", "no", "fp16", "bf16"), doc="training precision")
+    checkpoint_every: int = _opt(1000, min=0, doc="steps between checkpoints; 0 = only at the end")
+    test_scales: list[float] = _opt([1.0, 0.5, 0.75], doc="prediction scales, fused by pixel-wise max")
+    test_flip: bool = _opt(False, doc="also the flipped image at each scale (not in the recipe)")
+    crf: bool = _opt(True, doc="DenseCRF on the predictions (the recipe's post-processing)")
+    crf_iterations: int = _opt(10, min=1, doc="CRF mean-field iterations")
+    crf_pos_w: float = _opt(3.0, min=0.0, doc="CRF Gaussian kernel weight")
+    crf_pos_xy_std: float = _opt(1.0, min=0.0, doc="CRF Gaussian kernel spatial std (pixels)")
+    crf_bi_w: float = _opt(4.0, min=0.0, doc="CRF bilateral kernel weight")
+    crf_bi_xy_std: float = _opt(67.0, min=0.0, doc="CRF bilateral kernel spatial std (pixels)")
+    crf_bi_rgb_std: float = _opt(3.0, min=0.0, doc="CRF bilateral kernel colour std")
+    crf_image: str = _opt("rgb", choices=("rgb", "recipe"), doc="CRF colour input: the photo, or the recipe's "
+                                                               "wrapped mean-subtracted BGR (to match its numbers)")
+    infer_precision: str = _opt("no", choices=("auto", "no", "fp16", "bf16"), doc="prediction autocast")
+    eval_batch_size: int = _opt(1, min=1, doc="images of equal size per prediction forward")
+    weights: str = _opt("", doc="DeepLab weights to score (file or checkpoint folder); empty: the stage's final")
+    out_dir: str = _opt("", doc="the stage's folder (checkpoints, weights, predictions, reports); empty: <run_dir>/seg")
+
+
+@dataclass
+class IrnConfig:
+    """The IRNet stage (docs/irnet.md): CAMs -> relation labels -> relation network -> random walk labels.
+    Defaults are IRNet's run_sample.py and train_irn.py."""
+    cam_dir: str = _opt("", doc="CAMs to start from; empty: the run's (infer.out_dir or <run_dir>/cams)")
+    label_split: str = _opt("train_aug", doc="split whose CAMs become relation labels and random-walk labels")
+    conf_fg_thres: float = _opt(0.30, min=0.0, max=1.0, doc="background score for confident foreground")
+    conf_bg_thres: float = _opt(0.05, min=0.0, max=1.0, doc="background score for confident background")
+    crop_size: int = _opt(512, min=32, doc="training crop; also the inference padding")
+    scale_range: list[float] = _opt([0.5, 1.5], doc="random rescale range [lo, hi] in training")
+    radius: int = _opt(10, min=1, doc="path-index radius of the affinity loss (at stride 4)")
+    batch_size: int = _opt(32, min=1, doc="global batch")
+    grad_accum: int = _opt(1, min=1, doc="micro-batches accumulated per optimizer step")
+    epochs: int = _opt(3, min=1, doc="training epochs (when max_steps is 0)")
+    max_steps: int = _opt(0, min=0, doc="optimizer steps; 0: epochs x steps per epoch")
+    lr: float = _opt(0.1, min=0.0, doc="boundary branch lr; the displacement branch learns at 10x")
+    weight_decay: float = _opt(1e-4, min=0.0, doc="SGD weight decay")
+    momentum: float = _opt(1e-4, min=0.0, max=1.0, doc="SGD momentum: IRNet passed weight_decay as momentum "
+                                                       "(docs/irnet.md); 0.9 is what its text suggests")
+    poly_power: float = _opt(0.9, min=0.0, doc="lr x (1 - step / max_steps) ** poly_power")
+    mixed_precision: str = _opt("auto", choices=("auto", "no", "fp16", "bf16"), doc="training precision")
+    checkpoint_every: int = _opt(200, min=0, doc="steps between checkpoints; 0 = only at the end")
+    beta: float = _opt(10.0, min=0.0, doc="transition matrix = affinity ** beta")
+    exp_times: int = _opt(8, min=0, doc="the random walk takes 2 ** exp_times steps")
+    walk_radius: int = _opt(5, min=1, doc="path-index radius of the random walk")
+    sem_seg_bg_thres: float = _opt(0.25, min=0.0, max=1.0, doc="background score after the walk")
+    weights: str = _opt("", doc="relation network weights (file or checkpoint folder); empty: the stage's final")
+    out_dir: str = _opt("", doc="the stage's folder (relation labels, checkpoints, weights, pseudo labels); "
+                                "empty: <run_dir>/irn")
+
+
+@dataclass
 class OutputConfig:
     run_dir: str = _opt("runs/default", doc="where checkpoints, weights, CAMs, reports and logs go")
     tensorboard: bool = _opt(True, doc="TensorBoard event files under <run_dir>/tb")
@@ -160,6 +241,8 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    irn: IrnConfig = field(default_factory=IrnConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict:
@@ -322,7 +405,8 @@ def _build(cls: type, data: Any, prefix: str, src: str) -> Any:
 # Keys naming files or folders: a component longer than the file system allows is refused here, before
 # any command creates a folder or a log file under it.
 PATH_KEYS = ("data.root", "model.pretrained", "train.resume", "infer.weights", "infer.out_dir", "infer.legacy_dir",
-             "eval.cams", "refine.cam_dir", "refine.out_dir", "output.run_dir")
+             "eval.cams", "refine.cam_dir", "refine.out_dir", "seg.pretrained", "seg.weights", "seg.out_dir", "seg.data_root",
+             "irn.cam_dir", "irn.weights", "irn.out_dir", "output.run_dir")
 
 
 def _validate(cfg: Config, src: str) -> None:
@@ -335,6 +419,13 @@ def _validate(cfg: Config, src: str) -> None:
         value = getattr(getattr(cfg, section), name)
         if value and "://" not in value and not value.startswith("pipe:") and long_component(value):
             raise ConfigError(f"{src}: '{key}': {os_cause(OSError(errno.ENAMETOOLONG, ''), value)}: {value}")
+    for key, values in (("seg.scales", cfg.seg.scales), ("seg.test_scales", cfg.seg.test_scales),
+                        ("seg.msc_scales", cfg.seg.msc_scales or [1.0]), ("infer.scales", cfg.infer.scales)):
+        if not values or not all(v > 0 for v in values):
+            raise ConfigError(f"{src}: '{key}' must be a non-empty list of scales > 0, got {values}")
+    lo, hi = (cfg.irn.scale_range + [0, 0])[:2]
+    if len(cfg.irn.scale_range) != 2 or not 0 < lo <= hi:
+        raise ConfigError(f"{src}: 'irn.scale_range' must be [lo, hi] with 0 < lo <= hi, got {cfg.irn.scale_range}")
     lo_hi = cfg.data.long_side
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
         raise ConfigError(f"{src}: 'data.long_side' must be [lo, hi] with 0 < lo <= hi, got {lo_hi}")

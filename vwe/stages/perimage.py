@@ -56,6 +56,8 @@ class ImageWork:
     out_dir: Path
     split: str
     data_root: str
+    manifest_dir: Path | None = None  # where manifests go; None: out_dir (a folder of outputs only, e.g. the
+                                      # PASCAL test server's layout, keeps them elsewhere)
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
         """This rank's samples of the split (the loader's dicts: at least `key`)."""
@@ -168,9 +170,11 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
     rank, world = state.process_index, state.num_processes
     expected, total = _expected_keys(work, rank, world)
     out_dir = work.out_dir
+    manifest_dir = work.manifest_dir or out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_dir.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:  # manifests of an earlier launch with more processes would mislead
-        for old in out_dir.glob("manifest-rank*.json"):
+        for old in manifest_dir.glob("manifest-rank*.json"):
             if int(old.stem[len("manifest-rank"):]) >= world:
                 old.unlink()
     counts = dict.fromkeys(COUNTS, 0)
@@ -239,7 +243,7 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
     manifest = {"stage": work.name, "rank": rank, "world": world, "split": work.split, **work.manifest(),
                 "seconds": round(seconds, 3), **counts, "max_pending_images": batcher.max_pending,
                 "skipped": skips.report(), "ids": sorted(written)}
-    atomic_write(out_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), f"{work.name} manifest")
+    atomic_write(manifest_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), f"{work.name} manifest")
     if state.is_main_process:
         totals = {k: sum(p["counts"][k] for p in parts) for k in COUNTS}
         skips.merge(p["skips"] for p in parts)

@@ -1,11 +1,15 @@
-"""train -> infer -> evaluate in one launch; each stage skips what is already done."""
+"""The chain in one launch (docs/architecture.md): train -> infer -> evaluate, and with `until`, -> refine ->
+label split -> DeepLab -> its mIoU. Each stage skips what is already done: training by its final weights
+(or its checkpoints), CAMs and labels by their sources, the label split by identical shards."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, load_weights
 from vwe.formats.config import Config
-from vwe.runtime.dist import distributed_state
+from vwe.runtime.dist import collective_call, distributed_state
+
+STAGES = ("evaluate", "refine", "segment")  # where a pipeline may stop
 
 
 def training_done(cfg: Config) -> bool:
@@ -18,11 +22,14 @@ def training_done(cfg: Config) -> bool:
     return all(saved.get(section) == now[section] for section in ("data", "model", "train"))
 
 
-def run_pipeline(cfg: Config, sweep: bool = True) -> int:
+def run_pipeline(cfg: Config, sweep: bool = True, until: str = "evaluate") -> int:
+    """Run the chain up to `until`; returns 0, or the first stage's non-zero code (75: preempted, rerun)."""
     from vwe.stages.evaluate import evaluate
     from vwe.stages.infer import infer
     from vwe.training.trainer import train
 
+    if until not in STAGES:
+        raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     state = distributed_state()
     if training_done(cfg):
         state.print(f"train: final weights in {cfg.output.run_dir} match this config; skipping")
@@ -33,4 +40,27 @@ def run_pipeline(cfg: Config, sweep: bool = True) -> int:
     code = infer(cfg)
     if code:
         return code  # preempted during inference: the rerun skips the CAMs already written
-    return evaluate(cfg, sweep=sweep)
+    code = evaluate(cfg, sweep=sweep)
+    if code or until == "evaluate":
+        return code
+    return _after_cams(cfg, until, state)
+
+
+def _after_cams(cfg: Config, until: str, state) -> int:
+    from vwe.stages.refine import label_dir_for, refine
+    code = refine(cfg)
+    if code or until == "refine":
+        return code
+    from vwe.data.targets import prepare_targets
+    from vwe.stages.segment import seg_data_root, segment
+    from vwe.stages.segment_eval import segment_eval
+    if cfg.seg.data_root:
+        state.print(f"label split: seg.data_root={cfg.seg.data_root} is given; training on its "
+                    f"'{cfg.seg.train_split}' as it is")
+    else:
+        collective_call(lambda: prepare_targets(Path(seg_data_root(cfg)), cfg.data.infer_split, cfg.seg.train_split,
+                                                label_dir_for(cfg), source_root=cfg.data.root), main_only=True)
+    code = segment(cfg)
+    if code:
+        return code
+    return segment_eval(cfg)

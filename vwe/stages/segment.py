@@ -1,0 +1,86 @@
+"""`vwe segment`: DeepLabV2 trained on a label split with deeplab-pytorch's recipe (docs/segmentation.md),
+on the same Trainer as the CAM network: Accelerate DDP or ZeRO, precision auto, exact resume, preemption
+(exit 75), drift and non-finite refusal, run lock, metrics and TensorBoard. Only the recipe differs.
+
+The run lives in the stage's folder (`seg.out_dir`, default `<run_dir>/seg`), trained from a config derived
+from the run's: its `train` and `data` sections carry the `seg` section's recipe (the run's config is not
+changed), so checkpoints, resume and drift work as for the CAM network.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from vwe.data.loader import train_batches
+from vwe.formats.config import Config, ModelConfig
+from vwe.nets.deeplab import MSC, build_deeplab, seg_loss, seg_param_groups
+from vwe.runtime.skips import SkipPolicy
+from vwe.stages.segment_eval import seg_dir
+from vwe.training.recipe import Recipe
+from vwe.training.trainer import train
+
+# `seg` keys that do not change what training computes (prediction, CRF and where files go)
+EVAL_KEYS = frozenset({"seg.eval_split", "seg.test_scales", "seg.test_flip", "seg.crf", "seg.crf_iterations",
+                       "seg.crf_pos_w", "seg.crf_pos_xy_std", "seg.crf_bi_w", "seg.crf_bi_xy_std",
+                       "seg.crf_bi_rgb_std", "seg.crf_image", "seg.infer_precision", "seg.eval_batch_size",
+                       "seg.weights", "seg.out_dir", "seg.data_root", "seg.checkpoint_every", "seg.train_split"})
+# the derived data section's keys the segmentation loader does not read
+UNUSED_DATA_KEYS = frozenset({"data.long_side", "data.resize", "data.infer_split"})
+
+
+def seg_data_root(cfg: Config) -> str:
+    """Where the label split DeepLab trains on is: `seg.data_root`, or `<seg dir>/shards` (the pipeline's)."""
+    return cfg.seg.data_root or str(seg_dir(cfg) / "shards")
+
+
+def seg_training_config(cfg: Config) -> Config:
+    """The config the segmentation run trains with: the seg recipe in the train/data sections, the stage's
+    folder as run_dir, and a constant model section (the CAM network's does not apply)."""
+    sc = cfg.seg
+    train_cfg = dataclasses.replace(
+        cfg.train, epochs=1, max_steps=sc.max_steps, batch_size=sc.batch_size, grad_accum=sc.grad_accum, lr=sc.lr,
+        head_lr_mult=sc.head_lr_mult, momentum=sc.momentum, weight_decay=sc.weight_decay, poly_power=sc.poly_power,
+        mixed_precision=sc.mixed_precision, compile=False, checkpoint_every=sc.checkpoint_every, resume="auto")
+    data_cfg = dataclasses.replace(cfg.data, root=seg_data_root(cfg), train_split=sc.train_split,
+                                   crop_size=sc.crop_size, flip=sc.flip)
+    model_cfg = ModelConfig(channels_last=cfg.model.channels_last)
+    output = dataclasses.replace(cfg.output, run_dir=str(seg_dir(cfg)))
+    return dataclasses.replace(cfg, train=train_cfg, data=data_cfg, model=model_cfg, output=output)
+
+
+class SegRecipe(Recipe):
+    """DeepLabV2 with multi-scale inputs (MSC) and their summed losses, the recipe's 1x/10x/20x groups and
+    its poly schedule updated every `seg.lr_every` steps."""
+    command = "vwe segment"
+    sections = ("data", "train", "seg")
+    neutral = EVAL_KEYS | UNUSED_DATA_KEYS
+
+    def __init__(self, cfg: Config) -> None:
+        self.sc = cfg.seg
+        self.schedule_every = cfg.seg.lr_every
+
+    def build(self, cfg: Config, model_cfg: ModelConfig) -> nn.Module:
+        sc = self.sc
+        model = MSC(build_deeplab(sc.num_classes, sc.backbone, sc.pretrained, sc.norm, tuple(sc.aspp_rates)),
+                    tuple(sc.msc_scales))
+        return model.to(memory_format=torch.channels_last) if model_cfg.channels_last else model
+
+    def param_groups(self, model: nn.Module, cfg: Config) -> list[dict]:
+        return seg_param_groups(model, self.sc.lr, self.sc.weight_decay, self.sc.head_lr_mult,
+                                self.sc.head_bias_lr_mult)
+
+    def losses(self, net: nn.Module, out, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"loss": seg_loss(out, batch["target"].long())}
+
+    def batches(self, cfg: Config, rank: int, world: int, epoch: int, start_batch: int,
+                skips: SkipPolicy) -> Iterator[dict]:
+        return train_batches(cfg, rank, world, epoch, start_batch=start_batch, skips=skips,
+                             seg_scales=tuple(self.sc.scales))
+
+
+def segment(cfg: Config) -> int:
+    """Train DeepLab on `seg.train_split`; 0, or PREEMPT_EXIT_CODE after a checkpoint on a signal."""
+    return train(seg_training_config(cfg), SegRecipe(cfg))
