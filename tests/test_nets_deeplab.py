@@ -172,9 +172,19 @@ def test_segmentation_weights_refused_by_name(tmp_path, name):
         build_deeplab(num_classes=3, backbone="resnet50", pretrained=str(tmp_path / name))
 
 
-def test_no_basic_block_backbones():
-    with pytest.raises(VweError, match="resnet50, resnet101"):
-        DeepLabV2(backbone="resnet18")
+def test_basic_block_backbones_dilate_like_bottleneck_ones():
+    """ResNet-18/34 (CPU runs, tests): stages 3 and 4 at stride 1, dilation 2 and 4 (first block of a
+    stage at the previous dilation), output stride 8; ImageNet keys unchanged; other names refused."""
+    net = DeepLabV2(num_classes=5, backbone="resnet18", norm="batch")
+    assert net(torch.randn(1, 3, 65, 65)).shape == (1, 5, 9, 9)
+    l3, l4 = net.backbone.layer3, net.backbone.layer4
+    assert [l3[0].conv1.stride, l3[0].conv1.dilation, l3[1].conv2.dilation] == [(1, 1), (1, 1), (2, 2)]
+    assert [l4[0].conv1.dilation, l4[0].conv2.dilation, l4[0].downsample[0].stride] == [(2, 2), (4, 4), (1, 1)]
+    import torchvision
+    theirs = set(torchvision.models.resnet18(weights=None).state_dict()) - {"fc.weight", "fc.bias"}
+    assert set(net.backbone.state_dict()) == theirs
+    with pytest.raises(VweError, match="resnet18, resnet34, resnet50, resnet101"):
+        DeepLabV2(backbone="resnet152")
 
 
 # ----------------------------------------------------------------------------------- param groups

@@ -220,7 +220,7 @@ def weights_only_refusal(e: Exception) -> str:
                   and "weights_only" not in line and "Weights only load failed" not in line
                   and not line.strip().startswith(("(1)", "(2)", "Please file", "Check the documentation"))), "")
     reason = first.removeprefix("WeightsUnpickler error: ").strip()
-    return (f"it holds more than tensors (pickled objects, refused: only plain state dicts are read)"
+    return ("it holds more than tensors (pickled objects, refused: only plain state dicts are read)"
             + (f": {reason}" if reason else ""))
 
 

@@ -21,7 +21,7 @@ from vwe.nets.backbone import (FROZEN_NORMS, NORMS, LoadReport, fetch_imagenet_w
                                norm_layer, read_state_dict)
 from vwe.runtime.errors import CheckpointError, VweError
 
-SEG_BACKBONES = ("resnet50", "resnet101")  # torchvision's BasicBlock (18/34) cannot dilate
+SEG_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # 18/34: small networks for CPU runs and tests
 ASPP_RATES = (6, 12, 18, 24)
 TRAIN_SCALES = (0.5, 0.75)   # MSC: the extra input scales beside 1.0
 TEST_SCALES = (1.0, 0.5, 0.75)
@@ -48,8 +48,12 @@ class DilatedResNet(nn.Module):
             raise VweError(f"seg.backbone must be one of {', '.join(SEG_BACKBONES)}, got {name!r}")
         if norm not in NORMS:
             raise VweError(f"seg.norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        basic = name in ("resnet18", "resnet34")  # torchvision refuses to dilate BasicBlock: done below
         resnet = getattr(torchvision.models, name)(weights=None, norm_layer=norm_layer(norm),
-                                                   replace_stride_with_dilation=[False, True, True])
+                                                   replace_stride_with_dilation=None if basic else [False, True, True])
+        if basic:
+            _dilate_basic(resnet.layer3, 2)
+            _dilate_basic(resnet.layer4, 4)
         self.name, self.norm = name, norm
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
@@ -58,6 +62,18 @@ class DilatedResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _dilate_basic(layer: nn.Sequential, dilation: int) -> None:
+    """A BasicBlock stage at stride 1 and `dilation`, as torchvision's replace_stride_with_dilation does
+    for Bottleneck stages: the first block's strided convolution (and its shortcut) keeps the previous
+    stage's dilation, the rest use `dilation` (same parameters, so ImageNet weights still load)."""
+    for i, block in enumerate(layer):
+        first = dilation // 2 if i == 0 else dilation
+        block.conv1.stride, block.conv1.dilation, block.conv1.padding = (1, 1), (first, first), (first, first)
+        block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)
 
 
 class ASPP(nn.Module):
