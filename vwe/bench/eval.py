@@ -17,6 +17,7 @@ import numpy as np
 from vwe.formats.cams import CamRecord, write_cam
 from vwe.formats.config import Config
 from vwe.data.loader import infer_samples
+from vwe.runtime.files import atomic_write
 
 
 def write_random_cams(cfg: Config, out: Path, seed: int = 0) -> int:
@@ -55,5 +56,5 @@ def run(cfg: Config, args) -> int:
     print(f"evaluation of {n} images: {figures['single_seconds']} s at one threshold, "
           f"{figures['sweep_seconds']} s with the sweep ({figures['sweep_thresholds']} thresholds)")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        atomic_write(args.json, json.dumps(figures, indent=2))
     return 0

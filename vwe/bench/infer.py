@@ -25,6 +25,7 @@ from vwe.formats.cams import CamRecord, write_cam
 from vwe.formats.config import Config
 from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_pair
 from vwe.runtime.device import autocast as device_autocast, synchronize
+from vwe.runtime.files import atomic_write
 from vwe.runtime.errors import VweError
 from vwe.stages.infer import keep_positive, multiscale_cams
 from vwe.nets.backbone import FROZEN_NORMS, fold_frozen_bn
@@ -199,7 +200,7 @@ def run(cfg: Config, args) -> int:
         print(f"  gain {f['gain_pct']}% (best passes); largest relative difference {f['max_rel_diff']}; "
               f"{f['compiled_graphs']} compiled graph(s)")
         if args.json:
-            Path(args.json).write_text(json.dumps(f, indent=2))
+            atomic_write(args.json, json.dumps(f, indent=2))
         return 0
     n = args.steps or 4
     size = (375, 500)
@@ -252,5 +253,5 @@ def run(cfg: Config, args) -> int:
     print(f"  {figures['gflops_per_image']} GFLOP per image (CAM path, all scales and flips); MFU straightforward "
           f"{figures['straightforward_mfu']}, vwe {figures['vwe_mfu']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        atomic_write(args.json, json.dumps(figures, indent=2))
     return 0

@@ -25,6 +25,7 @@ import torch
 from vwe.formats.config import Config, load_config, save_config
 from vwe.data.transforms import normalize
 from vwe.runtime.device import autocast, peak_memory_mib, synchronize
+from vwe.runtime.files import atomic_write
 from vwe.runtime.errors import VweError
 
 # --compare NAME: variants as (label, {section: {field: value}}) applied to the loaded config
@@ -249,7 +250,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
               f"step memory {summary['step_mem_change_pct']:+.1f}%, "
               f"step time {summary['step_time_change_pct']:+.1f}% ({summary['speedup']:.2f}x img/s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"variants": [asdict(r) for r in rows], "comparison": summary},
+        atomic_write(args.json, json.dumps({"variants": [asdict(r) for r in rows], "comparison": summary},
                                               indent=2))
     return 0
 
@@ -263,7 +264,7 @@ def _child_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     figures = measure(load_config(a.config), a.variant, a.steps, a.warmup)
-    Path(a.out).write_text(json.dumps(asdict(figures)))
+    atomic_write(a.out, json.dumps(asdict(figures)))
     return 0
 
 

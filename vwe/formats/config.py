@@ -155,7 +155,8 @@ class SegConfig:
     data_root: str = _opt("", doc="where train_split is (a data root); empty: <seg dir>/shards, where the pipeline "
                                   "writes it")
     eval_split: str = _opt("val", doc="split of data.root the trained network is scored on (test: predictions only)")
-    backbone: str = _opt("resnet101", choices=("resnet50", "resnet101"), doc="torchvision ResNet at output stride 8")
+    backbone: str = _opt("resnet101", choices=("resnet18", "resnet34", "resnet50", "resnet101"),
+                         doc="torchvision ResNet at output stride 8 (the recipe: resnet101; 18/34 for CPU runs)")
     pretrained: str = _opt("imagenet", doc="imagenet | none | path to an ImageNet ResNet state dict "
                                            "(segmentation weights are refused: they saw VOC masks)")
     norm: str = _opt("frozen_all", choices=("frozen_all", "frozen", "batch", "syncbatch", "group"),

@@ -1,10 +1,14 @@
-"""Committing files to disk: atomic, durable writes and checksums. The one place files are written.
+"""Committing files to disk: atomic, durable writes and checksums.
 
-Every output (shards, indexes, CAMs, configs, weights, checkpoints, reports) is written to a temporary
+Every output (shards, indexes, CAMs, labels, predictions, configs, weights, reports, benchmark results)
+is written here, to a temporary
 name in its destination folder, flushed and fsync'ed, renamed over the final name, and the folder is
 fsync'ed: a process kill or a node crash leaves either the old file or the new one, never a partial
 file under the final name. The temporary is removed on any error. Temporary names start with a dot and
 end in `.tmp<pid>`, so no reader globbing for `*.npz`, `*.tar` or `step-*` ever picks one up.
+Not written here, by their nature: logs appended as a run goes (`<command>.log`, metrics.jsonl,
+TensorBoard's event files), Accelerate's checkpoint files (written into a temporary folder that is
+committed whole, `commit_dir`), and the benchmark's emulation of the published per-image `.npy` writes.
 """
 from __future__ import annotations
 
