@@ -3,8 +3,8 @@
 # (tests/test_container_build.py) on machines with no Docker engine and no image registry, only Debian's.
 #   scripts/container-build.sh [IMAGE]          (default localhost/vwe:dev; prints IMAGE when done)
 # As root; needs podman, runc, debootstrap. Steps:
-#   1. a containers.conf for these machines (runc, cgroupfs, no default ulimits), unless CONTAINERS_CONF
-#      is set already;
+#   1. a containers.conf for these machines ($CACHE/containers.conf: runc, cgroupfs, no default ulimits),
+#      used unless CONTAINERS_CONF is set;
 #   2. the base image localhost/vwe-base:<suite>-<key>: imported from $CACHE/base-<suite>-<key>.tar, which
 #      debootstrap makes when it is missing (minbase + python3, pip, venv; key: suite, mirror, packages);
 #   3. podman build of docker/Dockerfile with --build-arg BASE_IMAGE=<that base>. The host's pip
@@ -30,18 +30,17 @@ for tool in podman debootstrap; do
     command -v "$tool" >/dev/null || { log "$tool is not installed (apt-get install podman runc debootstrap)"; exit 2; }
 done
 
-if [ -z "${CONTAINERS_CONF:-}" ]; then
-    # crun fails on these machines' cgroup setup ("cgroups in hybrid mode"), and the default ulimits
-    # cannot be set from inside their sandbox.
-    cat >"$cache/containers.conf" <<'CONF'
+# crun fails on these machines' cgroup setup ("cgroups in hybrid mode"), and the default ulimits cannot be
+# set from inside their sandbox: podman uses this file unless CONTAINERS_CONF names another (the tests
+# point `podman run` at it too).
+cat >"$cache/containers.conf" <<'CONF'
 [containers]
 default_ulimits = []
 [engine]
 cgroup_manager = "cgroupfs"
 runtime = "runc"
 CONF
-    export CONTAINERS_CONF="$cache/containers.conf"
-fi
+export CONTAINERS_CONF="${CONTAINERS_CONF:-$cache/containers.conf}"
 
 # --- 2. the Debian base
 mirror="${VWE_DEBIAN_MIRROR:-}"
@@ -72,7 +71,7 @@ else
     podman import --quiet "$tarball" "$base" >/dev/null
 fi
 
-# --- 3. the host's pip configuration, and the local paths it names
+# --- 3a. the host's pip configuration, and the local paths it names
 conf="$(mktemp "$cache/tmp/pip.conf.XXXXXX")"
 trap 'rm -f "$conf"' EXIT
 chmod 0644 "$conf"
@@ -116,7 +115,7 @@ for m in "${mounts[@]}"; do
 done
 log "pip configuration for the build: $(tr '\n' ' ' <"$conf" | sed -E 's#//[^/@ ]+@#//***@#g')"
 
-# --- 3. the image
+# --- 3b. the image
 log "podman build $image from $base"
 previous="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
 # TMPDIR: where buildah keeps the Dockerfile's cache mounts (pip's downloads and built wheels).
