@@ -95,6 +95,24 @@ def cmd_segment_eval(args: argparse.Namespace) -> int:
     return segment_eval(cfg) or 0
 
 
+def cmd_irn_labels(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from vwe.stages.irn import irn_labels
+    return irn_labels(cfg) or 0
+
+
+def cmd_irn_train(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from vwe.stages.irn import irn_train
+    return irn_train(cfg) or 0
+
+
+def cmd_random_walk(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from vwe.stages.randomwalk import random_walk
+    return random_walk(cfg) or 0
+
+
 def cmd_import_weights(args: argparse.Namespace) -> int:
     from vwe.tools.import_weights import import_weights
     import_weights(args.source, Path(args.file), Path(args.out),
@@ -184,7 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                              ("infer", cmd_infer, "multi-scale CAM inference, sharded over ranks"),
                              ("segment", cmd_segment, "train DeepLabV2 on a label split (the seg section)"),
                              ("segment-eval", cmd_segment_eval,
-                              "segmentation predictions (multi-scale, CRF) and their mIoU, sharded over ranks")]:
+                              "segmentation predictions (multi-scale, CRF) and their mIoU, sharded over ranks"),
+                             ("irn-labels", cmd_irn_labels,
+                              "IRNet's relation labels from CAMs (confident regions, DenseCRF), sharded over ranks, "
+                              "and their label split"),
+                             ("irn-train", cmd_irn_train, "train IRNet's relation network on the relation labels "
+                                                          "(the irn section)"),
+                             ("random-walk", cmd_random_walk,
+                              "IRNet's random-walk pseudo labels from CAMs and the relation network, with their "
+                              "mIoU, sharded over ranks")]:
         p = sub.add_parser(name, help=text, description=text, epilog=SETTINGS_EPILOG)
         _add_config_args(p)
         p.set_defaults(func=func)
@@ -270,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    if args.command in ("train", "pipeline", "segment"):
+    if args.command in ("train", "pipeline", "segment", "irn-train"):
         from vwe.runtime.preempt import catch_early
         catch_early()  # SIGUSR1/SIGTERM during start-up: kept for the Trainer (exit 75), not fatal
     from vwe.runtime.logfile import quiet_third_party, run_log
@@ -294,7 +320,8 @@ def _leave_process_group() -> None:
 
 
 # Commands whose output is kept as <run_dir>/<command>.log (docs/training.md, "Seeing it run").
-LOGGED_COMMANDS = ("train", "infer", "evaluate", "pipeline", "refine", "segment", "segment-eval")
+LOGGED_COMMANDS = ("train", "infer", "evaluate", "pipeline", "refine", "segment", "segment-eval", "irn-labels",
+                   "irn-train", "random-walk")
 
 
 def _run_dir(args: argparse.Namespace) -> str | None:

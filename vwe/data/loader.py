@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vwe.data.index import SplitIndex, load_index
 from vwe.data.reading import RawSample, read_shard, remember_members, verify_shards
-from vwe.data.transforms import load_rgb, open_jpeg, resize_pair, sample_rng, seg_augment, train_augment
+from vwe.data.transforms import irn_augment, load_rgb, open_jpeg, resize_pair, sample_rng, seg_augment, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.runtime.errors import DataError, VweError
 from vwe.runtime.preempt import PREEMPT_SIGNALS
@@ -80,8 +80,9 @@ def _shard_order(n_shards: int, seed: int, epoch: int, rank: int, world: int) ->
 
 class _TrainStream(IterableDataset):
     def __init__(self, cfg, index: SplitIndex, rank: int, world: int, epoch: int, start_batch: int,
-                 total: int, batch: int, seg_scales: tuple[float, ...] | None = None):
-        self.d, self.index, self.seg_scales = cfg.data, index, seg_scales
+                 total: int, batch: int, seg_scales: tuple[float, ...] | None = None,
+                 irn: tuple[float, float] | None = None):
+        self.d, self.index, self.seg_scales, self.irn = cfg.data, index, seg_scales, irn
         self.skips = SkipPolicy.from_config(cfg)  # decides in the workers; the main process records
         self.seed = cfg.train.seed
         self.rank, self.world, self.epoch = rank, world, epoch
@@ -149,7 +150,8 @@ class _TrainStream(IterableDataset):
         crop = self.d.crop_size
         b = len(samples)
         image = _batch_tensor((b, 3, crop, crop))
-        target = _batch_tensor((b, crop, crop)) if self.seg_scales is not None else None
+        side = irn_label_side(crop) if self.irn is not None else crop
+        target = _batch_tensor((b, side, side)) if self.seg_scales is not None or self.irn is not None else None
         ok = [False] * b
         for i, raw in enumerate(samples):
             where = f"shard {raw.shard}, sample {raw.key!r}"
@@ -161,6 +163,8 @@ class _TrainStream(IterableDataset):
                 elif raw.target is None:
                     raise DataError(f"{where}: no segmentation target ({raw.key}.target.png): train on a split "
                                     f"made by `vwe prepare --labels-from`")
+                elif self.irn is not None:
+                    irn_augment(raw.jpg, raw.target, rng, self.irn, crop, self.d.flip, image[i], target[i], where)
                 else:
                     seg_augment(raw.jpg, raw.target, rng, self.seg_scales, crop, self.d.flip,
                                 image[i], target[i], where)
@@ -188,6 +192,11 @@ class _TrainStream(IterableDataset):
         if target is not None:
             out["target"] = target
         return out
+
+
+def irn_label_side(crop: int) -> int:
+    """The side of a relation-label crop at stride 4 (IRNet's pil_rescale by 0.25: rounded)."""
+    return int(np.round(crop / 4))
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -249,12 +258,14 @@ def _run(dataset: IterableDataset, num_workers: int, kind: str = "process") -> I
 
 
 def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0,
-                  skips: SkipPolicy | None = None, seg_scales: tuple[float, ...] | None = None) -> Iterator[dict]:
+                  skips: SkipPolicy | None = None, seg_scales: tuple[float, ...] | None = None,
+                  irn: tuple[float, float] | None = None) -> Iterator[dict]:
     """This rank's micro-batches of one epoch, from micro-batch `start_batch` on (see module doc).
 
     Yields exactly steps_per_epoch(cfg) * train.grad_accum - start_batch dicts: `image` uint8
     (B,3,S,S), `labels` float32 (B,20), with `seg_scales` (a segmentation split, seg_augment) also
-    `target` uint8 (B,S,S), `key` list[str], `skips` the corrupt samples skipped while
+    `target` uint8 (B,S,S), with `irn` (a relation-label split, irn_augment with that scale range) `target`
+    uint8 (B,S/4,S/4), `key` list[str], `skips` the corrupt samples skipped while
     making this batch (only with data.on_corrupt = skip; recorded into `skips` when given) and
     `skipped` their number.
     """
@@ -265,7 +276,7 @@ def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0,
     if not 0 <= start_batch <= total:
         raise VweError(f"start_batch {start_batch} outside 0..{total}")
     b = micro_batch_size(cfg, world)
-    ds = _TrainStream(cfg, idx, rank, world, epoch, start_batch, total, b, seg_scales)
+    ds = _TrainStream(cfg, idx, rank, world, epoch, start_batch, total, b, seg_scales, irn)
     workers = min(cfg.data.num_workers, total - start_batch)
     if workers and cfg.data.worker_kind == "process":
         # worker processes are forked afresh each epoch: let them inherit the member offsets of this

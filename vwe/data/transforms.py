@@ -182,3 +182,55 @@ def seg_augment(jpg: bytes, target_png: bytes, rng: np.random.Generator, scales:
     if do_flip:
         image_out.copy_(image_out.flip(-1))
         target_out.copy_(target_out.flip(-1))
+
+
+def irn_augment(jpg: bytes, target_png: bytes, rng: np.random.Generator, scale_range: tuple[float, float], crop: int,
+                flip: bool, image_out: torch.Tensor, target_out: torch.Tensor, where: str, ignore_index: int = 255,
+                label_stride: int = 4) -> None:
+    """IRNet's VOC12AffinityDataset augmentation (docs/irnet.md) into `image_out` (3, crop, crop) uint8 and
+    `target_out` (round(crop / stride), same) uint8: a scale uniform in `scale_range` (sides rounded), the
+    image resized bicubic (PIL's, antialiased) and the relation labels nearest, a random horizontal flip,
+    a random crop (IRNet's `get_random_crop_box`: a side larger than the crop is cut at a random offset,
+    a smaller one placed at a random offset in the crop; padding: the mean colour, i.e. 0 after
+    normalisation as in IRNet, and `ignore_index`), then the labels reduced x1/stride with PIL nearest.
+
+    Draws, in order: scale, flip, crop x, crop y; always all four, so the stream of draws does not depend
+    on the image.
+    """
+    from vwe.nets.irn import downscale_label
+    lo, hi = scale_range
+    scale = lo + float(rng.random()) * (hi - lo)
+    do_flip = bool(rng.random() < 0.5) and flip
+    ux, uy = rng.random(2)
+    im = load_rgb(open_jpeg(jpg, where), where)
+    w0, h0 = im.size
+    label = _index_png(target_png, (w0, h0), where)
+    h, w = scaled_size(w0, h0, scale)
+    x = resize_uint8(to_tensor(im), (h, w), "bicubic")[0]
+    y = torch.from_numpy(np.asarray(label.resize((w, h), Image.NEAREST), dtype=np.uint8).copy())
+    if do_flip:
+        x, y = x.flip(-1), y.flip(-1)
+    # IRNet's crop box: (image offset, crop offset) per side from one uniform draw
+    iy, cy = (int(uy * (h - crop + 1)), 0) if h > crop else (0, int(uy * (crop - h + 1)))
+    ix, cx = (int(ux * (w - crop + 1)), 0) if w > crop else (0, int(ux * (crop - w + 1)))
+    ch, cw = min(crop, h), min(crop, w)
+    image = torch.tensor(MEAN_UINT8, dtype=torch.uint8).view(3, 1, 1).repeat(1, crop, crop)
+    full = torch.full((crop, crop), ignore_index, dtype=torch.uint8)
+    image[:, cy:cy + ch, cx:cx + cw] = x[:, iy:iy + ch, ix:ix + cw]
+    full[cy:cy + ch, cx:cx + cw] = y[iy:iy + ch, ix:ix + cw]
+    image_out.copy_(image)
+    target_out.copy_(torch.from_numpy(downscale_label(full.numpy(), 1 / label_stride).copy()))
+
+
+def _index_png(data: bytes, size: tuple[int, int], where: str) -> Image.Image:
+    """A target PNG decoded and checked against the image's (width, height) and mode."""
+    try:
+        label = Image.open(io.BytesIO(data))
+        label.load()
+    except Exception as e:
+        raise DataError(f"{where}: cannot decode the target PNG: {e}") from None
+    if label.size != size:
+        raise DataError(f"{where}: target is {label.size[0]}x{label.size[1]} but the image is {size[0]}x{size[1]}")
+    if label.mode not in ("L", "P"):
+        raise DataError(f"{where}: target must be an index PNG (mode P or L), got mode {label.mode}")
+    return label

@@ -195,6 +195,8 @@ class SegConfig:
     eval_batch_size: int = _opt(1, min=1, doc="images of equal size per prediction forward")
     weights: str = _opt("", doc="DeepLab weights to score (file or checkpoint folder); empty: the stage's final")
     out_dir: str = _opt("", doc="the stage's folder (checkpoints, weights, predictions, reports); empty: <run_dir>/seg")
+    labels: str = _opt("crf", choices=("crf", "irn"), doc="pseudo labels `vwe pipeline --until segment` trains on: "
+                                                         "refine's CRF labels, or the IRNet random walk's")
 
 
 @dataclass
@@ -205,7 +207,10 @@ class IrnConfig:
     label_split: str = _opt("train_aug", doc="split whose CAMs become relation labels and random-walk labels")
     conf_fg_thres: float = _opt(0.30, min=0.0, max=1.0, doc="background score for confident foreground")
     conf_bg_thres: float = _opt(0.05, min=0.0, max=1.0, doc="background score for confident background")
-    crop_size: int = _opt(512, min=32, doc="training crop; also the inference padding")
+    backbone: str = _opt("resnet50", choices=("resnet18", "resnet34", "resnet50", "resnet101"),
+                         doc="the frozen backbone (IRNet: ResNet-50, strides 2, 2, 2, 1)")
+    pretrained: str = _opt("imagenet", doc="backbone weights: imagenet | none | path to a state dict")
+    crop_size: int = _opt(512, min=32, doc="training crop (a multiple of 4); also the inference padding")
     scale_range: list[float] = _opt([0.5, 1.5], doc="random rescale range [lo, hi] in training")
     radius: int = _opt(10, min=1, doc="path-index radius of the affinity loss (at stride 4)")
     batch_size: int = _opt(32, min=1, doc="global batch")

@@ -68,12 +68,17 @@ class IRNet(nn.Module):
         self.edge_layers = nn.ModuleList([
             _unit(c[0], 32, 4), _unit(c[1], 32, 4), _unit(c[2], 32, 4, up=2), _unit(c[3], 32, 4, up=4),
             _unit(c[4], 32, 4, up=4), nn.Conv2d(160, 1, 1, bias=True)])
-        self.mean_shift = MeanShift(2)
         self.dp_layers = nn.ModuleList([
             _unit(c[0], 64, 8), _unit(c[1], 128, 16), _unit(c[2], 256, 16), _unit(c[3], 256, 16, up=2),
             _unit(c[4], 256, 16, up=2), _unit(768, 256, 16, up=2),
             nn.Sequential(nn.Conv2d(448, 256, 1, bias=False), nn.GroupNorm(16, 256), nn.ReLU(inplace=True),
-                          nn.Conv2d(256, 2, 1, bias=False), self.mean_shift)])
+                          nn.Conv2d(256, 2, 1, bias=False), MeanShift(2))])
+
+    @property
+    def mean_shift(self) -> MeanShift:
+        # registered once, inside the displacement branch: a second registration would put one tensor under
+        # two names in the state dict, which safetensors refuses to export
+        return self.dp_layers[6][4]
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The five stage outputs, without gradient (the backbone is frozen)."""
