@@ -218,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     text = "the chain in one launch: train, infer, evaluate (and with --until: refine, label split, DeepLab)"
     p = sub.add_parser("pipeline", help=text, description=text, epilog=SETTINGS_EPILOG)
     _add_config_args(p)
-    p.add_argument("--until", default="evaluate", choices=["evaluate", "refine", "segment"],
+    p.add_argument("--until", default="evaluate", choices=["evaluate", "refine", "segment", "irn"],
                    help="last stage: evaluate (CAM mIoU), refine (+ CRF pseudo labels), segment (+ label split, "
-                        "DeepLab training and its val mIoU); each stage skips what is done")
+                        "DeepLab training and its val mIoU; on the random-walk labels with seg.labels=irn), irn "
+                        "(+ relation labels, relation network, random-walk labels); each stage skips what is done")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("evaluate", help="CAM mIoU against the ground-truth masks", epilog=SETTINGS_EPILOG)

@@ -9,7 +9,7 @@ from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, load_weights
 from vwe.formats.config import Config
 from vwe.runtime.dist import collective_call, distributed_state
 
-STAGES = ("evaluate", "refine", "segment")  # where a pipeline may stop
+STAGES = ("evaluate", "refine", "segment", "irn")  # where a pipeline may stop (irn: the walk's labels)
 
 
 def training_done(cfg: Config) -> bool:
@@ -48,8 +48,12 @@ def run_pipeline(cfg: Config, sweep: bool = True, until: str = "evaluate") -> in
 
 def _after_cams(cfg: Config, until: str, state) -> int:
     from vwe.stages.refine import label_dir_for, refine
-    code = refine(cfg)
-    if code or until == "refine":
+    if until == "irn" or (until == "segment" and cfg.seg.labels == "irn"):
+        from vwe.stages.randomwalk import walk_label_dir
+        code, source_split, labels = _irn_chain(cfg), cfg.irn.label_split, walk_label_dir(cfg)
+    else:
+        code, source_split, labels = refine(cfg), cfg.data.infer_split, label_dir_for(cfg)
+    if code or until in ("refine", "irn"):
         return code
     from vwe.data.targets import prepare_targets
     from vwe.stages.segment import seg_data_root, segment
@@ -58,9 +62,27 @@ def _after_cams(cfg: Config, until: str, state) -> int:
         state.print(f"label split: seg.data_root={cfg.seg.data_root} is given; training on its "
                     f"'{cfg.seg.train_split}' as it is")
     else:
-        collective_call(lambda: prepare_targets(Path(seg_data_root(cfg)), cfg.data.infer_split, cfg.seg.train_split,
-                                                label_dir_for(cfg), source_root=cfg.data.root), main_only=True)
+        collective_call(lambda: prepare_targets(Path(seg_data_root(cfg)), source_split, cfg.seg.train_split,
+                                                labels, source_root=cfg.data.root), main_only=True)
     code = segment(cfg)
     if code:
         return code
     return segment_eval(cfg)
+
+
+def _irn_chain(cfg: Config) -> int:
+    """The IRNet stage (docs/irnet.md, "Running it"): CAMs of irn.label_split (when it is not the CAMs just
+    made and irn.cam_dir is empty) -> relation labels -> relation network -> random-walk labels."""
+    import dataclasses
+    from vwe.stages.infer import infer
+    from vwe.stages.irn import irn_labels, irn_train
+    from vwe.stages.randomwalk import random_walk
+    if cfg.irn.label_split != cfg.data.infer_split and not cfg.irn.cam_dir:
+        code = infer(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, infer_split=cfg.irn.label_split)))
+        if code:
+            return code
+    for stage in (irn_labels, irn_train, random_walk):
+        code = stage(cfg)
+        if code:
+            return code
+    return 0
