@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
 from vwe.formats.config import Config, ConfigError, ModelConfig
@@ -116,6 +117,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and deepspeed and not cuda else []
     import_before_group()
+    # `vwe pipeline` trains several networks in one process, each at its own precision: Accelerate's
+    # process-wide state would refuse a second one, so only its distributed part (the group) is kept
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=not cuda and not deepspeed,
         mixed_precision=precision,
