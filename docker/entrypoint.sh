@@ -24,7 +24,8 @@ if [ -z "${HOME:-}" ] || [ ! -w "${HOME}" ]; then
     export HOME
 fi
 # The vwe subcommands (kept equal to vwe/cli.py's; a test checks).
-SUBCOMMANDS=(synth prepare train infer evaluate pipeline visualize demo bench doctor config refine import-weights)
+SUBCOMMANDS=(synth prepare train infer segment segment-eval irn-labels irn-train random-walk pipeline evaluate refine
+             import-weights visualize demo doctor config bench)
 
 is_subcommand() {
     local s
