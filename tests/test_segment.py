@@ -1,0 +1,149 @@
+"""The segmentation stage with real processes on tiny synthetic data: `vwe segment` keeps every promise of
+the Trainer (exact resume after SIGKILL, SIGTERM -> checkpoint -> exit 75, drift refused, two processes
+agreeing), refuses segmentation weights, and `vwe segment-eval` writes the PASCAL layout, scores with
+the CAM report format, skips what is current and handles a split without masks."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, kill_tree, launch_cmd, run_vwe
+from test_data_targets import _label_folder
+from test_train import ENV, assert_bit_identical, final_weights, ok, wait_for
+from vwe.data.index import load_index, write_index
+from vwe.data.prepare import write_shard
+from vwe.data.reading import RawSample, read_shard
+from vwe.data.targets import prepare_targets
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+# DeepLab on ResNet-18 from scratch at 64 px: MSC at one extra scale, the lr stepping every 3 steps
+SEG = ["seg.train_split=train_gt", "seg.backbone=resnet18", "seg.pretrained=none", "seg.norm=batch",
+       "seg.crop_size=64", "seg.batch_size=4", "seg.grad_accum=1", "seg.msc_scales=[0.5]", "seg.lr=0.001",
+       "seg.lr_every=3", "seg.test_scales=[1.0]", "seg.crf=false", "data.num_workers=1", "infer.num_workers=1",
+       "output.tensorboard=false", "train.deterministic=true", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def seg_data(synthetic_shards, tmp_path_factory) -> Path:
+    """A segmentation split 'train_gt' (ground-truth labels: the upper-bound run) in its own data root."""
+    root = tmp_path_factory.mktemp("seg") / "labels"
+    labels = root.parent / "png"
+    _label_folder(synthetic_shards, "train", labels)
+    prepare_targets(root, "train", "train_gt", labels, shard_size=10, source_root=synthetic_shards)
+    return root
+
+
+def seg_args(command: str, shards: Path, seg_root: Path, run: Path, *extra: str) -> list[str]:
+    return [command, "--config", DEMO, *SEG, f"data.root={shards}", f"seg.data_root={seg_root}",
+            f"output.run_dir={run}", *extra]
+
+
+def run_seg(processes: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_cmd(processes, *args), cwd=REPO, env=ENV, text=True, capture_output=True,
+                          timeout=600)
+
+
+def test_segment_resumes_exactly_after_sigkill_and_refuses_drift(synthetic_shards, seg_data, tmp_path):
+    extra = ("seg.max_steps=6", "seg.checkpoint_every=2")
+    reference = tmp_path / "reference"
+    ok(run_seg(1, *seg_args("segment", synthetic_shards, seg_data, reference, *extra)))
+    summary = json.loads((reference / "seg" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["weights"] == str(reference / "seg" / "final" / "model.safetensors")
+    metrics = [json.loads(line) for line in (reference / "seg" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [m["lr/backbone"] for m in metrics if "lr/backbone" in m]
+    # logged after step s: the lr of update s+1, which the recipe computes at 3 * floor(s / 3)
+    assert lrs[0] == lrs[1] == 0.001 and lrs[1] > lrs[2] == lrs[3] == lrs[4] > lrs[5]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(launch_cmd(1, *seg_args("segment", synthetic_shards, seg_data, run, *extra)), cwd=REPO,
+                            env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for((run / "seg" / "checkpoints", "step-000002"), proc)
+    kill_tree(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (run / "seg" / "final").exists()
+    restarted = ok(run_seg(1, *seg_args("segment", synthetic_shards, seg_data, run, *extra)))
+    assert f"resumed from {run / 'seg' / 'checkpoints'}" in restarted.stdout + restarted.stderr
+    assert_bit_identical(final_weights(reference / "seg"), final_weights(run / "seg"))
+
+    drift = run_vwe(*seg_args("segment", synthetic_shards, seg_data, run, *extra, "seg.lr=0.002"), check=False)
+    assert drift.returncode == 2 and "train.lr: checkpoint 0.001, now 0.002" in drift.stderr, drift.stderr
+    neutral = run_vwe(*seg_args("segment", synthetic_shards, seg_data, run, *extra, "seg.crf=true"))
+    assert "at step 6" in neutral.stdout + neutral.stderr  # prediction settings do not touch training
+
+
+def test_segment_sigterm_checkpoints_and_exits_75(synthetic_shards, seg_data, tmp_path):
+    run = tmp_path / "run"
+    extra = ("seg.max_steps=60", "seg.checkpoint_every=0")
+    proc = subprocess.Popen(launch_cmd(1, *seg_args("segment", synthetic_shards, seg_data, run, *extra)), cwd=REPO,
+                            env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for((run / "seg", "metrics.jsonl"), proc)
+    while (run / "seg" / "metrics.jsonl").read_text().count("\n") < 2:
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out + err
+    saved = sorted((run / "seg" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and 2 <= int(saved[0].name[5:]) < 60
+
+
+@pytest.mark.multiprocess
+def test_two_process_segment_replicas_agree(synthetic_shards, seg_data, tmp_path):
+    run = tmp_path / "run"
+    ok(run_seg(2, *seg_args("segment", synthetic_shards, seg_data, run, "seg.max_steps=3")))
+    summary = json.loads((run / "seg" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["replicas_identical"] and summary["batches_per_rank"] == [3, 3]
+
+
+def test_segment_eval_layout_report_and_rerun(synthetic_shards, seg_data, tmp_path):
+    run = tmp_path / "run"
+    ok(run_seg(1, *seg_args("segment", synthetic_shards, seg_data, run, "seg.max_steps=2")))
+    first = run_vwe(*seg_args("segment-eval", synthetic_shards, seg_data, run))
+    predictions = run / "seg" / "results" / "VOC2012" / "Segmentation" / "comp6_val_cls"
+    val = load_index(synthetic_shards, "val").keys
+    assert sorted(p.stem for p in predictions.iterdir()) == sorted(val)  # nothing else in the server's folder
+    with Image.open(predictions / f"{val[0]}.png") as im:
+        assert im.mode == "P" and np.asarray(im).max() <= 20
+    report = json.loads((run / "seg" / "eval" / "val" / "report.json").read_text())
+    conf = np.array(report["confusion"])
+    assert report["scored"] == len(val) == 12 and conf.shape == (21, 21) and conf.sum() > 0
+    assert report["miou"] == pytest.approx(np.nanmean(
+        [conf[i, i] / (conf[i].sum() + conf[:, i].sum() - conf[i, i]) for i in range(21) if conf[i].sum()]))
+    assert "| bkg | aero |" in first.stdout and "12 written" in first.stdout
+    assert "0 written, 12 already done" in run_vwe(*seg_args("segment-eval", synthetic_shards, seg_data, run)).stdout
+    crf = run_vwe(*seg_args("segment-eval", synthetic_shards, seg_data, run, "seg.crf=true"))
+    assert "12 written, 0 already done, 12 replaced" in crf.stdout  # another setting, another source
+
+
+def test_segment_eval_on_a_split_without_masks_writes_predictions_only(synthetic_shards, seg_data, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards, shards)
+    val = load_index(shards, "val")
+    samples = [RawSample("", r.key, bytes(r.jpg), r.labels) for s in val.shards for r in read_shard(val, s)]
+    info, _ = write_shard(shards / "test-000000.tar", samples)
+    write_index(shards, "test", [info], has_masks=False)
+    run = tmp_path / "run"
+    ok(run_seg(1, *seg_args("segment", shards, seg_data, run, "seg.max_steps=1")))
+    proc = run_vwe(*seg_args("segment-eval", shards, seg_data, run, "seg.eval_split=test"))
+    assert "predictions only" in proc.stdout
+    assert len(list((run / "seg" / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls").glob("*.png"))) == 12
+    assert json.loads((run / "seg" / "eval" / "test" / "report.json").read_text())["miou"] is None
+
+
+def test_segmentation_weights_are_refused(synthetic_shards, seg_data, tmp_path):
+    import torch
+    import torchvision
+    leak = tmp_path / "weights.pth"
+    model = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None,
+                                                               num_classes=21, aux_loss=True)
+    torch.save(model.state_dict(), leak)
+    proc = run_vwe(*seg_args("segment", synthetic_shards, seg_data, tmp_path / "run", "seg.backbone=resnet50",
+                             f"seg.pretrained={leak}"), check=False)
+    assert proc.returncode == 2 and "leak" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "seg").exists()
