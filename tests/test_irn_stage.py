@@ -141,7 +141,7 @@ def test_a_radius_too_large_for_the_crop_is_a_config_error():
 def test_relation_labels_on_two_processes_then_skipped_when_current(synthetic_shards, cam_run, tmp_path):
     run = _copy_run(cam_run, tmp_path / "run")
     proc = subprocess.run(launch_cmd(2, "irn-labels", "--config", DEMO, *_overrides(synthetic_shards, run)),
-                          cwd=REPO, env=ENV, text=True, capture_output=True, timeout=600)
+                          cwd=REPO, env=ENV, text=True, capture_output=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     labels = run / "irn" / "ir_labels"
     pngs = sorted(p.stem for p in labels.glob("*.png"))
