@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Submit the whole pipeline as three chained jobs: prepare -> train -> infer + evaluate, each starting
-# only if the previous one succeeded (--dependency=afterok; a preempted-and-requeued train job counts
-# as succeeded only once its last run finishes). Prints one "<stage> <job id>" line per job.
+# Submit the pipeline as chained jobs: prepare -> train -> infer + evaluate, and with VWE_UNTIL the later
+# stages (refine or the IRNet stage -> DeepLab -> its val mIoU), each starting only if the previous one
+# succeeded (--dependency=afterok; a preempted-and-requeued job counts as succeeded only once its last
+# run finishes). Prints one "<stage> <job id>" line per job.
 #
 #   VWE_CONFIG=configs/voc.yaml VWE_NODES=2 VWE_SBATCH_ARGS="--gpus-per-node=8 -p gpu -A myproj" \
 #   VWE_VOC=/data/VOCdevkit/VOC2012 VWE_SBD=/data/benchmark_RELEASE VWE_SHARDS=/shared/voc_shards \
@@ -13,9 +14,11 @@
 #   VWE_VOC, VWE_SBD     data for the prepare job; without VWE_VOC there is no prepare job (the
 #                        shards named by the config's data.root, e.g. ${VWE_SHARDS}, must exist)
 #   VWE_SHARDS           shard folder written by prepare (the shipped configs read it too)
-#   VWE_NODES            nodes for train and infer (default 1); VWE_INFER_NODES for infer alone
+#   VWE_UNTIL            last stage: evaluate (default), refine, irn (relation labels -> relation network
+#                        -> random walk), segment (+ DeepLab on seg.labels' pseudo labels -> segment-eval)
+#   VWE_NODES            nodes for every job but prepare (default 1); VWE_INFER_NODES for infer alone
 #   VWE_SBATCH_ARGS      sbatch options for every job (partition, account, time, GPUs, ...)
-#   VWE_PREPARE_SBATCH_ARGS, VWE_TRAIN_SBATCH_ARGS, VWE_INFER_SBATCH_ARGS   per job
+#   VWE_PREPARE_SBATCH_ARGS, VWE_TRAIN_SBATCH_ARGS, VWE_INFER_SBATCH_ARGS, VWE_STAGE_SBATCH_ARGS   per job
 #   plus what the jobs read: VWE_CPU, VWE_PROCS_PER_NODE, VWE_LAUNCH_CONFIG, VWE_LOG_DIR, VWE_PYTHON
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,6 +31,9 @@ read -ra common <<< "--parsable ${VWE_SBATCH_ARGS:-}"
 read -ra prepare_args <<< "${VWE_PREPARE_SBATCH_ARGS:-}"
 read -ra train_args <<< "${VWE_TRAIN_SBATCH_ARGS:-}"
 read -ra infer_args <<< "${VWE_INFER_SBATCH_ARGS:-}"
+read -ra stage_args <<< "${VWE_STAGE_SBATCH_ARGS:-}"
+until="${VWE_UNTIL:-evaluate}"
+case "$until" in evaluate|refine|irn|segment) ;; *) echo "submit.sh: VWE_UNTIL must be evaluate, refine, irn or segment" >&2; exit 2 ;; esac
 nodes="${VWE_NODES:-1}"
 
 dep=()
@@ -48,3 +54,22 @@ infer_id="$(sbatch "${common[@]}" -N "${VWE_INFER_NODES:-$nodes}" --dependency="
     "${infer_args[@]}" "$here/infer.sbatch" "$@")"
 infer_id="${infer_id%%;*}"
 echo "infer $infer_id"
+
+# The later stages, one job each on the same nodes (slurm/stage.sbatch). Which pseudo labels DeepLab
+# trains on is the config's seg.labels (crf: refine's; irn: the random walk's).
+[ "$until" != evaluate ] || exit 0
+labels="$("${VWE_PYTHON:-python3}" -c 'import sys; from vwe.formats.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).seg.labels)' "$VWE_CONFIG" "$@")"
+stages=(refine)
+if [ "$until" = irn ] || { [ "$until" = segment ] && [ "$labels" = irn ]; }; then
+    stages=(irn-labels irn-train random-walk)
+fi
+[ "$until" != segment ] || stages+=(segment segment-eval)
+previous="$infer_id"
+for stage in "${stages[@]}"; do
+    id="$(sbatch "${common[@]}" -N "$nodes" --dependency="afterok:$previous" --job-name="vwe-$stage" \
+        "${stage_args[@]}" "$here/stage.sbatch" "$stage" "$@")"
+    id="${id%%;*}"
+    echo "$stage $id"
+    previous="$id"
+done

@@ -146,3 +146,32 @@ def test_usr1_midway_checkpoints_requeues_and_resumes(slurm_cluster, synthetic_s
     # per-rank logs of both runs
     for restart in ("run0", "run1"):
         assert sorted((tmp_path / "logs" / str(job) / restart).glob("node*/*/attempt_0/0/stdout.log"))
+
+
+def test_submit_chain_until_segment(slurm_cluster, repo, tmp_path, synthetic_shards):
+    """VWE_UNTIL=segment: train -> infer + evaluate -> refine -> segment (label split + DeepLab) ->
+    segment-eval, one job each through slurm/stage.sbatch, each afterok on the one before."""
+    run = tmp_path / "run"
+    env = {**job_env(repo, tmp_path, synthetic_shards, 1), "VWE_UNTIL": "segment",
+           "VWE_SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out"}
+    seg = ["data.infer_split=train", "refine.method=threshold", "seg.backbone=resnet18", "seg.crop_size=64",
+           "seg.batch_size=4", "seg.max_steps=2", "seg.msc_scales=[]", "seg.test_scales=[1.0]", "seg.crf=false"]
+    out = slurm_cluster.run(str(repo / "slurm" / "submit.sh"), *SMALL, "train.max_steps=2", *seg,
+                            env=env, cwd=tmp_path).stdout
+    ids = {stage: int(i) for stage, i in (line.split() for line in out.strip().splitlines())}
+    try:
+        assert list(ids) == ["train", "infer", "refine", "segment", "segment-eval"], out
+        stages = list(ids)
+        for before, after in zip(stages, stages[1:]):
+            assert slurm_cluster.job(ids[after])["Dependency"].startswith(f"afterok:{ids[before]}")
+        infos = {stage: slurm_cluster.wait_done(i, timeout=330) for stage, i in ids.items()}
+    finally:
+        for i in ids.values():
+            slurm_cluster.cancel(i)
+    for stage, info in infos.items():
+        log = job_log(tmp_path, f"vwe-{stage}", ids[stage])
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{stage}: {info}\n{log}"
+    assert (run / "pseudo_labels" / "report.json").is_file()
+    assert json.loads((run / "seg" / "summary.json").read_text())["steps"] == 2
+    report = json.loads((run / "seg" / "eval" / "val" / "report.json").read_text())
+    assert report["scored"] == 12 and report["miou"] is not None

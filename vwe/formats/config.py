@@ -195,7 +195,8 @@ class SegConfig:
     eval_batch_size: int = _opt(1, min=1, doc="images of equal size per prediction forward")
     weights: str = _opt("", doc="DeepLab weights to score (file or checkpoint folder); empty: the stage's final")
     out_dir: str = _opt("", doc="the stage's folder (checkpoints, weights, predictions, reports); empty: <run_dir>/seg")
-    labels: str = _opt("crf", choices=("crf", "irn"), doc="pseudo labels `vwe pipeline --until segment` trains on: "
+    labels: str = _opt("crf", choices=("crf", "irn"), doc="pseudo labels `vwe segment` makes its split from (when "
+                                                         "seg.data_root is empty): "
                                                          "refine's CRF labels, or the IRNet random walk's")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, load_weights
 from vwe.formats.config import Config
-from vwe.runtime.dist import collective_call, distributed_state
+from vwe.runtime.dist import distributed_state
 
 STAGES = ("evaluate", "refine", "segment", "irn")  # where a pipeline may stop (irn: the walk's labels)
 
@@ -47,24 +47,16 @@ def run_pipeline(cfg: Config, sweep: bool = True, until: str = "evaluate") -> in
 
 
 def _after_cams(cfg: Config, until: str, state) -> int:
-    from vwe.stages.refine import label_dir_for, refine
+    from vwe.stages.refine import refine
     if until == "irn" or (until == "segment" and cfg.seg.labels == "irn"):
-        from vwe.stages.randomwalk import walk_label_dir
-        code, source_split, labels = _irn_chain(cfg), cfg.irn.label_split, walk_label_dir(cfg)
+        code = _irn_chain(cfg)
     else:
-        code, source_split, labels = refine(cfg), cfg.data.infer_split, label_dir_for(cfg)
+        code = refine(cfg)
     if code or until in ("refine", "irn"):
         return code
-    from vwe.data.targets import prepare_targets
-    from vwe.stages.segment import seg_data_root, segment
+    from vwe.stages.segment import segment
     from vwe.stages.segment_eval import segment_eval
-    if cfg.seg.data_root:
-        state.print(f"label split: seg.data_root={cfg.seg.data_root} is given; training on its "
-                    f"'{cfg.seg.train_split}' as it is")
-    else:
-        collective_call(lambda: prepare_targets(Path(seg_data_root(cfg)), source_split, cfg.seg.train_split,
-                                                labels, source_root=cfg.data.root), main_only=True)
-    code = segment(cfg)
+    code = segment(cfg)  # writes the label split from the pseudo labels first (seg.labels)
     if code:
         return code
     return segment_eval(cfg)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from vwe.data.loader import train_batches
+from vwe.data.targets import prepare_targets
 from vwe.formats.config import Config, ModelConfig
 from vwe.nets.deeplab import MSC, build_deeplab, seg_loss, seg_param_groups
+from vwe.runtime.dist import collective_call, distributed_state
 from vwe.runtime.skips import SkipPolicy
 from vwe.stages.segment_eval import seg_dir
 from vwe.training.recipe import Recipe
@@ -81,6 +84,27 @@ class SegRecipe(Recipe):
                              seg_scales=tuple(self.sc.scales))
 
 
+def pseudo_labels(cfg: Config) -> tuple[str, Path]:
+    """(split, label folder) of the pseudo labels DeepLab trains on: refine's CRF labels of
+    data.infer_split (seg.labels=crf), or the random walk's of irn.label_split (seg.labels=irn)."""
+    if cfg.seg.labels == "irn":
+        from vwe.stages.randomwalk import walk_label_dir
+        return cfg.irn.label_split, walk_label_dir(cfg)
+    from vwe.stages.refine import label_dir_for
+    return cfg.data.infer_split, label_dir_for(cfg)
+
+
+def write_label_split(cfg: Config) -> None:
+    """The label split `seg.train_split` in `<seg dir>/shards` from the pseudo labels (identical shards
+    are kept, so a rerun on the same labels changes nothing and resumes)."""
+    split, folder = pseudo_labels(cfg)
+    prepare_targets(Path(seg_data_root(cfg)), split, cfg.seg.train_split, folder, source_root=cfg.data.root)
+
+
 def segment(cfg: Config) -> int:
-    """Train DeepLab on `seg.train_split`; 0, or PREEMPT_EXIT_CODE after a checkpoint on a signal."""
+    """Train DeepLab on `seg.train_split`: with `seg.data_root` empty, first written from the pseudo labels
+    (seg.labels); with it given, that split as it is. 0, or PREEMPT_EXIT_CODE after a checkpoint."""
+    if not cfg.seg.data_root:
+        distributed_state()
+        collective_call(lambda: write_label_split(cfg), main_only=True)
     return train(seg_training_config(cfg), SegRecipe(cfg))
