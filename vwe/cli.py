@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("bench", help="throughput, memory and MFU figures")
-    p.add_argument("what", choices=["data", "train", "infer", "eval", "suite"],
+    p.add_argument("what", choices=["data", "train", "infer", "eval", "seg", "suite"],
                    help="suite: every benchmark, written to --out as benchmarks.json and benchmarks.md")
     _add_config_args(p)
     p.add_argument("--workers", type=int, default=None, help="loader workers (data bench)")
