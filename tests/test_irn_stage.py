@@ -234,6 +234,7 @@ def test_pipeline_until_irn_then_deeplab_on_the_walk_labels(synthetic_shards, tm
                    *_overrides(synthetic_shards, run, "train.max_steps=2", "irn.max_steps=2", *seg), cwd=REPO)
     out = proc.stdout + proc.stderr
     assert "match this config; skipping" in out and out.count("0 written, 12 already done") >= 3, out[-3000:]
-    split = json.loads((run / "seg" / "shards" / "train_aug_pseudo.json").read_text())
+    seg_split = load_config(DEMO, _overrides(synthetic_shards, run, *seg)).seg.train_split
+    split = json.loads((run / "seg" / "shards" / f"{seg_split}.json").read_text())
     assert split["targets"]["from"] == str((irn / "pseudo_labels").resolve()) and split["targets"]["source_split"] == "val"
     assert json.loads((run / "seg" / "eval" / "val" / "report.json").read_text())["num_images"] == 12
