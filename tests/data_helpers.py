@@ -6,10 +6,14 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from vwe.formats.config import load_config
 from vwe.runtime.files import file_sha256
 from vwe.data.index import ShardInfo, load_index, write_index
-from vwe.data.reading import iter_shard
+from vwe.data.reading import iter_shard, read_shard
+from vwe.data.voc import decode_mask
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,3 +58,17 @@ def write_split(root: Path, split: str, samples: list[dict], n_shards: int) -> l
         paths.append(path)
     write_index(root, split, infos, has_masks=all("mask.png" in s["parts"] for s in samples))
     return paths
+
+
+def label_folder(shards, split, folder, bump: int = 0):
+    """One L-mode PNG per sample of `split`: its ground-truth mask (+bump, mod 21 outside 255)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    idx = load_index(shards, split)
+    labels = {}
+    for shard in idx.shards:
+        for raw in read_shard(idx, shard):
+            m = decode_mask(bytes(raw.mask), raw.key)
+            m = np.where(m == 255, 255, (m.astype(int) + bump) % 21).astype(np.uint8)
+            Image.fromarray(m, mode="L").save(folder / f"{raw.key}.png")
+            labels[raw.key] = m
+    return labels

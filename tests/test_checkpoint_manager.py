@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ from accelerate import Accelerator
 from vwe.formats.checkpoint import (complete_checkpoints, data_digest, load_weights, step_folder,
                                     verify_checkpoint)
 from vwe.formats.config import load_config
-from vwe.runtime.errors import CheckpointError
-from vwe.runtime.files import WriteError
-from vwe.training.checkpointer import CheckpointManager, ConfigDrift, DataRecord, NonFinite
+from vwe.runtime.errors import CheckpointError, ConfigDrift, NonFinite, WriteError
+
+from vwe.training.checkpointer import CheckpointManager, DataRecord
 from vwe.training.recipe import CamRecipe
 from vwe.training.setup import Parts, PolySchedule, TrainState, poly_factor
 
@@ -46,7 +45,7 @@ def make_parts(*overrides: str) -> Parts:
                                 lr=cfg.train.lr, momentum=0.9)
     acc = Accelerator(cpu=True)
     model, optimizer = acc.prepare(net, optimizer)
-    return Parts(cfg=cfg, model_cfg=cfg.model, accelerator=acc, model=model, net=acc.unwrap_model(model),
+    return Parts(cfg=cfg, model_cfg=cfg.model, accelerator=acc, engine=model, net=acc.unwrap_model(model),
                  optimizer=optimizer, scheduler=PolySchedule(optimizer, MAX_STEPS, cfg.train.poly_power),
                  input_dtype=torch.float32, micro_batch=4, steps_per_epoch=5, max_steps=MAX_STEPS,
                  recipe=CamRecipe())
@@ -59,7 +58,7 @@ def train(parts: Parts, state: TrainState, steps: int) -> None:
     """`steps` optimizer steps on fixed random batches, the counters advanced as the Trainer does."""
     for _ in range(steps):
         x = torch.randn(4, 4)
-        loss = parts.model(x).square().mean()
+        loss = parts.engine(x).square().mean()
         loss.backward()
         parts.optimizer.step()
         parts.scheduler.step()
@@ -218,7 +217,7 @@ def test_divergence_moves_aside_the_checkpoint_that_made_it(run_dir):
     manager = CheckpointManager(make_parts(), run_dir, DATA)
     error = manager.quarantine_diverged(TrainState(step=5), "loss=nan")
     assert isinstance(error, NonFinite)
-    assert f"non-finite loss at step 5" in str(error) and f"last good checkpoint is {step_folder(run_dir, 2)}" in str(error)
+    assert "non-finite loss at step 5" in str(error) and f"last good checkpoint is {step_folder(run_dir, 2)}" in str(error)
     assert (run_dir / "checkpoints" / "diverged-step-000004").is_dir()
 
 

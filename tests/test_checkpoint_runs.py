@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, launch_cmd, run_vwe
-from test_train import DEMO, ENV, ok, run_train, summary, train_args
+from helpers import DEMO, ENV, ok, run_train, summary, train_args
+from vwe.runtime.errors import WriteError
 
 SHORT = ("train.max_steps=4", "train.checkpoint_every=2")
 
@@ -198,7 +198,7 @@ def test_nothing_written_before_the_checks_that_can_fail(synthetic_shards, tmp_p
 
 
 def test_a_lock_that_is_a_directory_is_named(tmp_path):
-    from vwe.runtime.files import WriteError
+
     from vwe.runtime.lock import RunLock
     (tmp_path / "run" / ".lock").mkdir(parents=True)
     with pytest.raises(WriteError, match=f"cannot write lock file {tmp_path / 'run' / '.lock'}: it is a directory"):

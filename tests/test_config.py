@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from conftest import run_vwe
-from vwe.formats.config import Config, ConfigError, load_config, parse_override, save_config, config_from_dict
+from vwe.formats.config import Config, load_config, parse_override, save_config, config_from_dict
+from vwe.runtime.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -9,23 +9,10 @@ import numpy as np
 from PIL import Image
 
 from conftest import run_vwe
+from data_helpers import label_folder
 from vwe.data.index import load_index
 from vwe.data.reading import read_shard
 from vwe.data.voc import decode_mask
-
-
-def _label_folder(shards, split, folder, bump: int = 0):
-    """One L-mode PNG per sample of `split`: its ground-truth mask (+bump, mod 21 outside 255)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    idx = load_index(shards, split)
-    labels = {}
-    for shard in idx.shards:
-        for raw in read_shard(idx, shard):
-            m = decode_mask(bytes(raw.mask), raw.key)
-            m = np.where(m == 255, 255, (m.astype(int) + bump) % 21).astype(np.uint8)
-            Image.fromarray(m, mode="L").save(folder / f"{raw.key}.png")
-            labels[raw.key] = m
-    return labels
 
 
 def _copy(shards, tmp_path):
@@ -36,7 +23,7 @@ def _copy(shards, tmp_path):
 
 def test_labels_folder_becomes_a_streamable_split(synthetic_shards, tmp_path):
     root = _copy(synthetic_shards, tmp_path)
-    want = _label_folder(root, "train", tmp_path / "labels", bump=1)
+    want = label_folder(root, "train", tmp_path / "labels", bump=1)
     (tmp_path / "labels" / "color").mkdir()  # refine's colour copies and report are not labels
     (tmp_path / "labels" / "report.json").write_text("{}")
     proc = run_vwe("prepare", "--labels-from", str(tmp_path / "labels"), "--split", "train_pseudo",
@@ -62,7 +49,7 @@ def test_labels_folder_becomes_a_streamable_split(synthetic_shards, tmp_path):
 def test_missing_and_extra_labels_are_listed_and_nothing_is_written(synthetic_shards, tmp_path):
     root = _copy(synthetic_shards, tmp_path)
     labels = tmp_path / "labels"
-    keys = list(_label_folder(root, "train", labels))
+    keys = list(label_folder(root, "train", labels))
     (labels / f"{keys[3]}.png").unlink()
     (labels / f"{keys[9]}.png").unlink()
     shutil.copy(labels / f"{keys[0]}.png", labels / "not_an_image.png")
@@ -79,7 +66,7 @@ def test_missing_and_extra_labels_are_listed_and_nothing_is_written(synthetic_sh
 def test_wrong_sizes_and_values_are_named(synthetic_shards, tmp_path):
     root = _copy(synthetic_shards, tmp_path)
     labels = tmp_path / "labels"
-    keys = list(_label_folder(root, "train", labels))
+    keys = list(label_folder(root, "train", labels))
     short = np.asarray(Image.open(labels / f"{keys[1]}.png"))
     h, w = short.shape
     Image.fromarray(short[:-2]).save(labels / f"{keys[1]}.png")
@@ -103,7 +90,7 @@ def test_wrong_sizes_and_values_are_named(synthetic_shards, tmp_path):
 
 def test_a_label_split_may_not_replace_a_prepared_one(synthetic_shards, tmp_path):
     root = _copy(synthetic_shards, tmp_path)
-    _label_folder(root, "train", tmp_path / "labels")
+    label_folder(root, "train", tmp_path / "labels")
     for split in ("train", "val", "train_aug"):
         proc = run_vwe("prepare", "--labels-from", str(tmp_path / "labels"), "--split", split,
                        "--from-split", "train", "--out", str(root), check=False)

@@ -16,11 +16,11 @@ from conftest import REPO
 
 SCRIPT = """
 import os
-from vwe.runtime.dist import all_reduce_sum, distributed_state
+from vwe.runtime.dist import sum_over_ranks, distributed_state
 import numpy as np
 state = distributed_state()
 assert state.num_processes == 2
-all_reduce_sum(np.ones(3))
+sum_over_ranks(np.ones(3))
 import torchvision  # noqa: F401  (late, as the evaluation's weight check imports the model)
 import importlib.util
 if importlib.util.find_spec("deepspeed"):

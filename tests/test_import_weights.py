@@ -21,10 +21,11 @@ from conftest import REPO, run_vwe
 from vwe.formats.checkpoint import load_weights
 from vwe.formats.config import load_config
 from vwe import cli
-from vwe.tools.import_weights import (SOURCES, WeightsImportError, canonical_name, convert, import_weights, recipe_config,
+from vwe.tools.import_weights import (SOURCES, canonical_name, convert, import_weights, recipe_config,
                                 to_authors)
 from vwe.stages.infer import load_cam_model
 from vwe.nets.cam import build_model
+from vwe.runtime.errors import WeightsImportError
 
 REFERENCE = Path("/work/shared/reference/original_state_dict_keys.txt")
 

@@ -3,16 +3,15 @@ missing, the legacy export, and the whole pipeline learning on synthetic data.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import REPO, TINY, kill_tree, launch_cmd, run_vwe
+from helpers import popen_until
 from vwe.formats.cams import read_cam
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -67,12 +66,7 @@ def test_restart_after_kill_writes_only_missing(synthetic_shards, trained, tmp_p
     out = tmp_path / "cams"
     extra = ("data.infer_split=train", "infer.scales=[1.0, 0.5, 1.5, 2.0]", "infer.batch_size=1")
     cmd = launch_cmd(1, "infer", *args(synthetic_shards, trained, f"infer.out_dir={out}", *extra))
-    proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    end = time.time() + 300
-    while len(list(out.glob("*.npz"))) < 3:
-        assert proc.poll() is None and time.time() < end, proc.communicate()
-        time.sleep(0.05)
+    proc = popen_until(cmd, out, "*.npz", count=3, start_new_session=True)
     kill_tree(proc.pid, signal.SIGKILL)
     proc.communicate()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz")}

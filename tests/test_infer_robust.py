@@ -1,5 +1,5 @@
 """Inference under bad or awkward input: memory bounded by infer.batch_size however many distinct image
-sizes, preemption after the current batch (also in the final flush), infer.weights given a checkpoint
+sizes, preemption after the current batch (SIGUSR1 or SIGTERM; also in the final flush), infer.weights given a checkpoint
 folder or a wrong folder, weights holding NaN, and corrupt samples skipped with their ids recorded."""
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import REPO, TINY, run_vwe
 from data_helpers import samples_of, write_split
+from helpers import export_random_weights, popen_until
 from vwe.formats.cams import read_cam
-from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, export_weights
+from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME
 from vwe.formats.config import load_config
 from vwe.data.loader import infer_samples
 from vwe.stages.perimage import GroupBatcher
@@ -42,41 +41,40 @@ def test_group_batcher_never_holds_more_than_a_batch():
     assert [len(one.add((i, i), {"i": i})) for i in range(5)] == [1] * 5 and one.max_pending == 1
 
 
-def _export_random_weights(cfg, run):
-    torch.manual_seed(0)
-    return export_weights(build_model(cfg.model).state_dict(), cfg.to_dict(), run / FINAL_WEIGHTS_NAME)
-
-
-def test_many_sizes_bounded_memory_and_preemption_after_the_current_batch(synthetic_shards, tmp_path):
+@pytest.mark.parametrize("sig, batch", [(signal.SIGUSR1, 1), (signal.SIGTERM, 4)])
+def test_a_signal_stops_after_the_current_batch_and_the_rerun_completes(synthetic_shards, tmp_path, sig, batch):
+    """The preemption contract (a requeued infer.sbatch job): SIGUSR1 or SIGTERM -> the batch running is
+    finished, exit 75, the CAMs written kept (complete files, no manifest); the rerun writes only the rest.
+    With many distinct sizes, memory stays bounded by infer.batch_size."""
     run = tmp_path / "run"
-    batch = 4
     overrides = [f"data.root={synthetic_shards}", f"output.run_dir={run}", "model.num_words=16",
                  "data.infer_split=train", "infer.scales=[1.0, 1.5, 2.0]", f"infer.batch_size={batch}",
                  "infer.num_workers=1"]
     cfg = load_config(DEMO, overrides)
     sizes = [tuple(s["size"]) for s in infer_samples(cfg, 0, 1, with_scales=False, with_image=False)]
     assert len(sizes) == 48 and len(set(sizes)) >= 25  # most images have a size of their own
-    _export_random_weights(cfg, run)
+    export_random_weights(cfg, run)
     cmd = [sys.executable, "-m", "vwe", "infer", "--config", str(DEMO), *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     cams = run / "cams"
-    end = time.monotonic() + 180
-    while not (cams.is_dir() and any(cams.glob("*.npz"))):
-        assert proc.poll() is None and time.monotonic() < end, proc.communicate()
-        time.sleep(0.02)
+    proc = popen_until(cmd, cams, "*.npz", timeout=180)
     seen = len(list(cams.glob("*.npz")))
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, out + err
-    written = len(list(cams.glob("*.npz")))
+    written = sorted(cams.glob("*.npz"))
     # the batch running when the signal came is finished (and perhaps one that started while it was sent);
     # grouped by size without a bound, the first CAM came only in the final flush, which ran to the end
-    assert seen <= written <= seen + 2 * batch and written < 48, (seen, written)
+    assert seen <= len(written) <= seen + 2 * batch and len(written) < 48, (seen, len(written))
+    assert f"preempted (signal {int(sig)}) after writing {len(written)} CAM(s); exiting with code 75" in out
+    assert not list(cams.glob("manifest-rank*.json"))  # written only by a complete run
+    for path in written:
+        read_cam(path)  # complete files
 
     rerun = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{48 - len(written)} written, {len(written)} already done" in rerun.stdout
     manifest = json.loads((cams / "manifest-rank000.json").read_text())
-    assert manifest["written"] == 48 - written and manifest["already_done"] == written
+    assert manifest["written"] == 48 - len(written) and manifest["already_done"] == len(written)
     assert manifest["max_pending_images"] <= batch  # images waiting in memory, whatever the sizes
     assert manifest["skipped"]["count"] == 0
 
@@ -156,7 +154,7 @@ def test_corrupt_samples_skipped_are_listed_in_the_manifest(synthetic_shards, tm
     write_split(root, "val", samples, 2)
     run = tmp_path / "run"
     cfg = load_config(DEMO, [*TINY, f"data.root={root}"])
-    _export_random_weights(cfg, run)
+    export_random_weights(cfg, run)
     proc = run_vwe("infer", *_infer_args(root, run), check=False)
     assert proc.returncode == 2 and f"sample '{bad}'" in proc.stderr and "val-000000.tar" in proc.stderr
     proc = run_vwe("infer", *_infer_args(root, run, "data.on_corrupt=skip"))

@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY, launch_cmd, run_vwe
-from vwe.formats.config import ConfigError, IrnConfig, load_config
+from vwe.formats.config import IrnConfig, load_config
 from vwe.labels.pathindex import path_index
 from vwe.nets.irn import affinity_labels
+from vwe.runtime.errors import ConfigError
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

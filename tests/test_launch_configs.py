@@ -6,6 +6,8 @@ import json
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
+from vwe.runtime.errors import ConfigError
+
 CONFIGS = ["cpu", "single_gpu", "multi_gpu", "multi_node", "deepspeed_zero1", "deepspeed_zero2"]
 
 
@@ -48,7 +50,7 @@ def test_deepspeed_batch_fields_fit_any_process_count(repo, stage, world, accum)
 
 
 def test_deepspeed_batch_field_that_disagrees_is_named():
-    from vwe.formats.config import ConfigError
+
     from vwe.training.setup import deepspeed_batch_fields
     with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=2 but the vwe config implies 1"):
         deepspeed_batch_fields({"train_micro_batch_size_per_gpu": 2}, 1, 1, 16)

@@ -12,11 +12,11 @@ from PIL import Image
 from torch import nn
 
 from vwe.nets.backbone import FrozenBatchNorm2d
-from vwe.nets.deeplab import (ASPP, MSC, DeepLabV2, PolyLR, SegmentationWeightsError, build_deeplab,
+from vwe.nets.deeplab import (ASPP, MSC, DeepLabV2, PolyLR, build_deeplab,
                               crf_labels, dense_crf, msc_forward, poly_lr, predict_logits, predict_probs,
                               recipe_crf_image, refuse_segmentation_state, resize_labels, seg_loss,
                               seg_param_groups)
-from vwe.runtime.errors import CheckpointError, VweError
+from vwe.runtime.errors import CheckpointError, SegmentationWeightsError, VweError
 
 
 @pytest.fixture(scope="module")

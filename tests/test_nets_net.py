@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vwe.formats.config import load_config
-from vwe.nets.cam import VWENet, build_model, param_groups
+from vwe.nets.cam import build_model, param_groups
 from vwe.nets.pooling import hybrid_pyramid_pool
 from vwe.nets.words import encode_words
+from vwe.runtime.errors import ConfigError
 
 
 def _cfg(*overrides):
@@ -204,7 +204,7 @@ def test_ablation_pooling_and_heads_off(pooling, hist, word):
 
 
 def test_pooling_setting_refuses_unknown_value():
-    from vwe.formats.config import ConfigError
+
     with pytest.raises(ConfigError, match="'model.pooling' must be one of hspp, gap"):
         load_config(None, ["model.pooling=max"])
 

@@ -57,7 +57,7 @@ class SizeWork(ImageWork):
     def account(self, sample, result):
         self.accounted[sample["key"]] = result
 
-    def part(self):
+    def rank_totals(self):
         return {"n": len(self.accounted)}
 
     def manifest(self):
@@ -133,14 +133,13 @@ def test_group_batcher_never_holds_more_than_a_batch():
 
 def test_vwe_infer_on_an_empty_split_exits_2(synthetic_shards, tmp_path):
     from conftest import TINY, run_vwe
-    from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, export_weights
-    from vwe.nets.cam import build_model
+    from helpers import export_random_weights
     root = tmp_path / "shards"
     shutil.copytree(synthetic_shards, root)
     write_index(root, "val", [], has_masks=True)
     overrides = [*TINY, f"data.root={root}", f"output.run_dir={tmp_path / 'run'}"]
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
-    export_weights(build_model(cfg.model).state_dict(), cfg.to_dict(), tmp_path / "run" / FINAL_WEIGHTS_NAME)
+    export_random_weights(cfg, tmp_path / "run")
     proc = run_vwe("infer", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, check=False)
     assert proc.returncode == 2 and "split 'val' has no images" in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "cams").exists() or not list((tmp_path / "run" / "cams").iterdir())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 
-from test_train import ok, run_train
+from helpers import ok, run_train
 
 from vwe.runtime.logfile import run_log
 

@@ -14,7 +14,7 @@ from vwe.data.transforms import MEAN_UINT8, seg_augment
 from vwe.formats.config import load_config
 from vwe.runtime.errors import DataError
 
-from test_data_targets import _label_folder
+from data_helpers import label_folder
 
 
 def _pair(w=90, h=60):
@@ -65,7 +65,7 @@ def test_draws_depend_on_the_seed_only_and_a_wrong_size_target_is_named():
 def test_loader_streams_targets_from_a_label_split(synthetic_shards, tmp_path, repo):
     root = tmp_path / "shards"
     shutil.copytree(synthetic_shards, root)
-    _label_folder(root, "train", tmp_path / "labels")
+    label_folder(root, "train", tmp_path / "labels")
     prepare_targets(root, "train", "train_gt", tmp_path / "labels", shard_size=10)
     cfg = load_config(repo / "configs" / "demo.yaml", [f"data.root={root}", "data.train_split=train_gt",
                                                        "data.crop_size=64", "train.batch_size=4", "data.num_workers=0"])

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, kill_tree, launch_cmd, run_vwe
-from test_data_targets import _label_folder
-from test_train import ENV, assert_bit_identical, final_weights, ok, wait_for
+from data_helpers import label_folder
+from helpers import ENV, assert_bit_identical, final_weights, ok, wait_for
 from vwe.data.index import load_index, write_index
 from vwe.data.prepare import write_shard
 from vwe.data.reading import RawSample, read_shard
@@ -35,7 +35,7 @@ def seg_data(synthetic_shards, tmp_path_factory) -> Path:
     """A segmentation split 'train_gt' (ground-truth labels: the upper-bound run) in its own data root."""
     root = tmp_path_factory.mktemp("seg") / "labels"
     labels = root.parent / "png"
-    _label_folder(synthetic_shards, "train", labels)
+    label_folder(synthetic_shards, "train", labels)
     prepare_targets(root, "train", "train_gt", labels, shard_size=10, source_root=synthetic_shards)
     return root
 

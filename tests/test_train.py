@@ -3,62 +3,15 @@ preemption by SIGTERM, the divergence guard, bf16 on CPU."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, TINY, kill_tree, launch_cmd, run_vwe
-
-DEMO = str(REPO / "configs" / "demo.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["train", "--config", DEMO, *TINY, f"data.root={shards}", f"output.run_dir={run_dir}", *extra]
-
-
-def run_train(processes: int, shards: Path, run_dir: Path, *extra: str, timeout: float = 600):
-    cmd = launch_cmd(processes, *train_args(shards, run_dir, *extra))
-    return subprocess.run(cmd, cwd=REPO, env=ENV, text=True, capture_output=True, timeout=timeout)
-
-
-def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
-
-
-def wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float = 300) -> Path:
-    folder, pattern = path_glob
-    end = time.time() + timeout
-    while time.time() < end:
-        found = sorted(folder.glob(pattern)) if folder.is_dir() else []
-        if found:
-            return found[-1]
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"process ended ({proc.returncode}) before {pattern} appeared\n{out}\n{err}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {folder}/{pattern}")
+from conftest import REPO, kill_tree, launch_cmd, run_vwe
+from helpers import ENV, assert_bit_identical, final_weights, ok, run_train, summary, train_args, wait_for
 
 
 @pytest.mark.multiprocess

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, kill_tree, launch_cmd
-from test_train import assert_bit_identical, final_weights, ok, run_train, summary, train_args, ENV
+from helpers import ENV, assert_bit_identical, final_weights, ok, run_train, summary, train_args
 
 SHORT = ("train.max_steps=4", "train.checkpoint_every=2", "train.deterministic=true")
 
@@ -190,7 +190,7 @@ def test_unwritable_run_directory_is_named(synthetic_shards, tmp_path, how):
         proc = run_train(1, synthetic_shards, run, "train.max_steps=2", "train.checkpoint_every=1")
         assert proc.returncode == 2, proc.stderr[-3000:]
         cause = "read-only file system" if how == "read-only" else "no space left on the device"
-        assert f"cannot write" in proc.stderr and cause in proc.stderr and str(run) in proc.stderr
+        assert "cannot write" in proc.stderr and cause in proc.stderr and str(run) in proc.stderr
         assert "Traceback" not in proc.stderr
     finally:
         subprocess.run(["umount", "-l", str(mnt)])

@@ -21,7 +21,6 @@ from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME
 from vwe.data.loader import infer_samples, train_batches
 from vwe.data.index import ShardInfo, load_index, write_index
 from vwe.data.prepare import prepare
-from vwe.data.reading import iter_shard
 from vwe.data.synthetic import write_dataset
 from vwe.runtime.errors import DataError
 from vwe.runtime.files import file_sha256

@@ -1,8 +1,8 @@
-"""`vwe bench data`: images/s of the training loader, of JPEG decoding alone, and of a 2021-style reader;
+"""`vwe bench data`: images/s of the training loader, of JPEG decoding alone, and of the published code's reader;
 and how each `data.resize` mode compares with PIL's bicubic resize (accuracy and speed).
 
-All three work on the same images: the first samples of the training split's shards. The 2021-style
-reader is what the seed code did per file: PIL decode, PIL resize, float32 NumPy normalisation and
+All three work on the same images: the first samples of the training split's shards. The published code's
+reader is what the published code did per file: PIL decode, PIL resize, float32 NumPy normalisation and
 crop, in a map-style Dataset with the same number of DataLoader workers.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ class _DecodeOnly(Dataset):
 
 
 class Reader2021(Dataset):
-    """Per-file reader as in the 2021 seed code: decode, random long-side resize, flip, normalise, crop."""
+    """Per-file reader as in the published code: decode, random long-side resize, flip, normalise, crop."""
 
     def __init__(self, files: list[Path], long_side: tuple[int, int], crop: int):
         self.files, self.long_side, self.crop = files, long_side, crop
@@ -226,7 +226,7 @@ def run(cfg, args) -> int:
               "decode_only_workers": f"decode only (PIL, {workers} workers)",
               "loader_processes": f"vwe loader ({workers} worker processes)",
               "loader_threads": f"vwe loader ({workers} worker threads)",
-              "reader_2021": f"2021-style per-file reader ({workers} workers)"}
+              "reader_2021": f"published code's per-file reader ({workers} workers)"}
     for k, (rate, cpu) in res.items():
         cpu_text = f"{cpu:6.2f} CPU-ms/image"
         print(f"  {labels[k]:<44} {rate:8.1f} images/s  {cpu_text}")

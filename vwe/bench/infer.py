@@ -1,7 +1,7 @@
-"""`vwe bench infer`: images/s of the 4-scale + flip CAM inference, against the straightforward way.
+"""`vwe bench infer`: images/s of the 4-scale + flip CAM inference, against the published code's way.
 
 Both take the same VOC-sized images (uint8, 375 x 500 by default) and the same network (random weights:
-speed does not depend on their values). The straightforward way is what the seed code did: per image
+speed does not depend on their values). The published code's way is what the published code did: per image
 and scale, PIL resize, float32 NumPy normalisation, the image and its flip in one fp32 NCHW forward of
 the whole network (word heads included), a pickled dict per image. vwe's way: the CAM path only,
 images of equal size batched with their flips, frozen BatchNorm folded into the convolutions,
@@ -48,9 +48,9 @@ def _labels(n: int, classes: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
-def straightforward(model: torch.nn.Module, images: list[np.ndarray], labels: list[torch.Tensor],
+def published_path(model: torch.nn.Module, images: list[np.ndarray], labels: list[torch.Tensor],
                     scales: list[float], out: Path, device: torch.device) -> None:
-    """The 2021 way, one image at a time."""
+    """The published code's way, one image at a time."""
     feats: dict = {}
     hook = model.backbone.register_forward_hook(lambda m, i, o: feats.__setitem__("f", o))
     mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
@@ -62,7 +62,7 @@ def straightforward(model: torch.nn.Module, images: list[np.ndarray], labels: li
             x = (np.asarray(im, np.float32) / 255.0 - mean) / std
             x = np.stack([x, x[:, ::-1]]).transpose(0, 3, 1, 2).copy()
             with torch.no_grad():
-                model(torch.from_numpy(x).to(device))  # the whole network, as the seed code ran it
+                model(torch.from_numpy(x).to(device))  # the whole network, as the published code ran it
                 cam = F.relu(F.conv2d(feats["f"], model.classifier.weight))
             cam = torch.maximum(cam[0:1], cam[1:2].flip(-1))
             high = high + F.interpolate(cam, (h, w), mode="bilinear", align_corners=False)[0]
@@ -217,13 +217,13 @@ def run(cfg: Config, args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         a, b = Path(tmp) / "a", Path(tmp) / "b"
         a.mkdir(), b.mkdir()
-        straightforward(base, images[:1], labels[:1], scales, a, device)  # warm-up
+        published_path(base, images[:1], labels[:1], scales, a, device)  # warm-up
         # warm-up on every batch shape the timed run meets (a full batch and the remainder): a GPU's
         # first use of a shape loads and selects kernels
         warm = min(n, cfg.infer.batch_size + n % cfg.infer.batch_size)
         ours(fast, images[:warm], labels[:warm], scales, b, device, cfg.infer.batch_size, autocast, store,
              mcfg.channels_last, cfg.data.resize)
-        t_base = _timed(device, straightforward, base, images, labels, scales, a, device)
+        t_base = _timed(device, published_path, base, images, labels, scales, a, device)
         t_ours = _timed(device, ours, fast, images, labels, scales, b, device, cfg.infer.batch_size, autocast, store,
                         mcfg.channels_last, cfg.data.resize)
         # the two paths must agree on what they compute (up to mixed precision and fp16 storage)
@@ -246,11 +246,11 @@ def run(cfg: Config, args) -> int:
         "vwe_mfu": round(flops * n / t_ours / (peak_ours * 1e12), 4) if peak_ours else None,
     }
     print(f"inference ({mcfg.backbone}, {n} images {size[1]}x{size[0]}, scales {scales}, + flips, {device}):")
-    print(f"  straightforward (fp32 NCHW, whole network, per image, pickle): {figures['straightforward_img_s']:.3f} img/s")
+    print(f"  published code (fp32 NCHW, whole network, per image, pickle): {figures['straightforward_img_s']:.3f} img/s")
     print(f"  vwe (CAM path, batch {cfg.infer.batch_size}, folded BN {folded}, channels_last {mcfg.channels_last}, "
           f"{cfg.infer.mixed_precision}): {figures['vwe_img_s']:.3f} img/s  -> {figures['speedup']:.2f}x")
     print(f"  max |high_res difference| between the two: {diff:.4f}")
-    print(f"  {figures['gflops_per_image']} GFLOP per image (CAM path, all scales and flips); MFU straightforward "
+    print(f"  {figures['gflops_per_image']} GFLOP per image (CAM path, all scales and flips); MFU published code "
           f"{figures['straightforward_mfu']}, vwe {figures['vwe_mfu']}")
     if args.json:
         atomic_write(args.json, json.dumps(figures, indent=2))

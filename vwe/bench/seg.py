@@ -1,6 +1,6 @@
 """`vwe bench seg`: the segmentation network's training steps and predictions (docs/benchmarks.md).
 
-Training: `seg.batch_size` crops of `seg.crop_size` through the Trainer's own setup and `train_step` with
+Training: `seg.batch_size` crops of `seg.crop_size` through the Trainer's own setup and `micro_step` with
 the SegRecipe (MSC inputs and losses, the recipe's parameter groups, `seg.mixed_precision`), on synthetic
 uint8 images and label maps. Prediction: `predict_probs` at `seg.test_scales` (+ flip) on VOC-sized images
 (long side 500, three aspect ratios), one image per forward as `vwe segment-eval` runs it.
@@ -36,7 +36,7 @@ def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
     """Seconds per optimizer step, img/s, peak memory and MFU of DeepLab training steps."""
     from vwe.stages.segment import SegRecipe, seg_training_config
     from vwe.training.setup import build_parts, make_accelerator
-    from vwe.training.step import train_step
+    from vwe.training.step import micro_step
 
     tcfg = seg_training_config(cfg)
     tcfg = dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, grad_accum=1, max_steps=warmup + steps))
@@ -52,7 +52,7 @@ def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
 
     def forward_backward() -> None:
         with autocast(precision, device):
-            out = parts.model(normalize(batch["image"]))
+            out = parts.engine(normalize(batch["image"]))
         recipe.losses(parts.net, out, batch, device)["loss"].backward()
     flops = _flops(forward_backward)
     parts.optimizer.zero_grad(set_to_none=True)
@@ -62,7 +62,7 @@ def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
         if i == warmup:
             synchronize(device)
             t0 = time.perf_counter()
-        train_step(parts, batch)
+        micro_step(parts, batch)
     synchronize(device)
     step = (time.perf_counter() - t0) / steps
     peak = peak_tflops(device, precision)

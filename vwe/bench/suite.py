@@ -172,7 +172,7 @@ def render(r: dict) -> str:
     for name in ("infer_fp32", "infer_auto"):
         f = r[name]
         lines.append(f"| CAM inference ({name.split('_')[1]}) | {f['mixed_precision']}, "
-                     f"{f['scales']} + flips | {f['vwe_img_s']} img/s (2021-style {f['straightforward_img_s']}), "
+                     f"{f['scales']} + flips | {f['vwe_img_s']} img/s (published code {f['straightforward_img_s']}), "
                      f"MFU {100 * (f['vwe_mfu'] or 0):.1f}% |")
     e = r["eval"]
     lines.append(f"| evaluation | {e.get('images', '?')} images | "

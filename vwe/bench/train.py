@@ -6,7 +6,7 @@ forward + loss, backward, SGD step, under the configured mixed precision. Every 
 fresh subprocess so that CPU peak RSS figures do not mix (on a GPU, max_memory_allocated).
 MFU = model FLOPs per step (counted once with torch.utils.flop_counter) / step time / the device's peak.
 `--compare checkpointing` measures model.grad_checkpointing off and on; `--compare recipe` measures the
-straightforward fp32 loop (the 2021 way: fp32, NCHW, no autocast) against the configuration as given.
+published code's fp32 loop (fp32, NCHW, no autocast) against the configuration as given.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ COMPARISONS: dict[str, list[tuple[str, dict[str, dict]]]] = {
                       ("checkpointing on", {"model": {"grad_checkpointing": True}})],
     "channels_last": [("contiguous", {"model": {"channels_last": False}}),
                       ("channels_last", {"model": {"channels_last": True}})],
-    "recipe": [("straightforward fp32", {"model": {"channels_last": False}, "train": {"mixed_precision": "no"}}),
+    "recipe": [("published code, fp32", {"model": {"channels_last": False}, "train": {"mixed_precision": "no"}}),
                ("vwe", {})],
 }
 # Dense peak TFLOP/s per GPU (NVIDIA data sheets, SXM parts; no sparsity): bf16/fp16 tensor cores, and
@@ -73,9 +73,9 @@ class TrainFigures:
 
 def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigures:
     """Time `steps` training steps (after `warmup` untimed ones) in this process, through the training
-    loop's own setup and `train_step` (same autocast, input casts and optimizer)."""
+    loop's own setup and `micro_step` (same autocast, input casts and optimizer)."""
     from vwe.training.setup import build_parts, make_accelerator
-    from vwe.training.step import PhaseTimer, train_step
+    from vwe.training.step import PhaseTimer, micro_step
 
     accelerator = make_accelerator(cfg)
     device = accelerator.device
@@ -103,7 +103,7 @@ def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigu
             timer = PhaseTimer()  # drop the warm-up steps
         timer.start()
         t0 = time.perf_counter()
-        losses = train_step(parts, {"image": images, "labels": labels}, mark=timer.mark)
+        losses = micro_step(parts, {"image": images, "labels": labels}, mark=timer.mark)
         if not torch.isfinite(losses["loss"]):
             print(f"warning: non-finite loss at step {i} (timings still valid)", file=sys.stderr)
         if i >= warmup:

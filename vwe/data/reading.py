@@ -77,16 +77,16 @@ def _check_labels(raw: bytes, where: str) -> list[int]:
     return labels
 
 
-def _finish(shard: str, key: str, parts: dict[str, bytes]) -> RawSample:
+def _finish(shard: str, key: str, members: dict[str, bytes]) -> RawSample:
     where = f"shard {shard}, sample {key!r}"
-    s = RawSample(shard, key, parts.get(EXT_IMAGE), mask=parts.get(EXT_MASK), target=parts.get(EXT_TARGET))
+    s = RawSample(shard, key, members.get(EXT_IMAGE), mask=members.get(EXT_MASK), target=members.get(EXT_TARGET))
     if s.jpg is None:
         s.error = f"{where}: no image ({key}.{EXT_IMAGE}) in the shard"
-    elif EXT_LABELS not in parts:
+    elif EXT_LABELS not in members:
         s.error = f"{where}: no labels ({key}.{EXT_LABELS}) in the shard"
     else:
         try:
-            s.labels = _check_labels(parts[EXT_LABELS], where)
+            s.labels = _check_labels(members[EXT_LABELS], where)
         except DataError as e:
             s.error = str(e)
     return s
@@ -99,7 +99,7 @@ def _group(members: Iterator[tuple[str, bytes | memoryview]], name: str, where: 
            expected: int | None) -> Iterator[RawSample]:
     """Samples from tar members in stored order: consecutive members sharing the key before the first
     '.' of their file name (folders dropped) form one sample, as webdataset groups them."""
-    n, key, parts, last = 0, None, {}, None
+    n, key, sample, last = 0, None, {}, None
     try:
         for member, data in members:
             k, _, ext = member.rsplit("/", 1)[-1].partition(".")
@@ -107,11 +107,11 @@ def _group(members: Iterator[tuple[str, bytes | memoryview]], name: str, where: 
                 if key is not None:
                     n += 1
                     last = key
-                    yield _finish(name, key, parts)
-                key, parts = k, {}
-            if ext in parts:
+                    yield _finish(name, key, sample)
+                key, sample = k, {}
+            if ext in sample:
                 raise DataError(f"{where}: member {member!r} appears twice in sample {key!r}")
-            parts[ext] = data
+            sample[ext] = data
     except DataError as e:
         if key is None:
             raise
@@ -119,7 +119,7 @@ def _group(members: Iterator[tuple[str, bytes | memoryview]], name: str, where: 
                         + (f" (the sample before it, {last!r}, is complete)" if last is not None else "")) from None
     if key is not None:
         n += 1
-        yield _finish(name, key, parts)
+        yield _finish(name, key, sample)
     if n == 0:
         raise DataError(f"{where} holds no samples (empty tar)")
     if expected is not None and n != expected:

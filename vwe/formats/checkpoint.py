@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from vwe.runtime.errors import CheckpointError
-from vwe.runtime.files import (WriteError, atomic_write, commit_dir, file_sha256, free_bytes, mount_point, no_space,
+from vwe.runtime.errors import CheckpointError, WriteError
+from vwe.runtime.files import (atomic_write, commit_dir, file_sha256, free_bytes, mount_point, no_space,
                                writing)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")

@@ -15,12 +15,8 @@ from typing import Any
 
 import yaml
 
-from vwe.runtime.errors import VweError
+from vwe.runtime.errors import ConfigError
 from vwe.runtime.files import long_component, os_cause, path_problem
-
-
-class ConfigError(VweError):
-    """A config file or override is invalid; the message names the key and where it came from."""
 
 
 def _opt(default: Any, *, choices: tuple | None = None, min: float | None = None,

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from vwe.formats.config import Config
+from vwe.runtime.errors import ConfigError
 
 
 def _sections() -> list[tuple[str, type]]:
@@ -62,7 +63,7 @@ def keys_table(section: str | None = None) -> str:
     """Per section: each key with its type, default, allowed values and doc."""
     names = [n for n, _ in _sections()]
     if section is not None and section not in names:
-        from vwe.formats.config import ConfigError
+
         raise ConfigError(f"no config section '{section}' (sections: {', '.join(names)})")
     defaults = Config()
     out = []

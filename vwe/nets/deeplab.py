@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vwe.nets.backbone import (FROZEN_NORMS, NORMS, LoadReport, fetch_imagenet_weights, load_backbone_weights,
                                norm_layer, read_state_dict)
-from vwe.runtime.errors import CheckpointError, VweError
+from vwe.runtime.errors import SegmentationWeightsError, VweError
 
 SEG_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # 18/34: small networks for CPU runs and tests
 ASPP_RATES = (6, 12, 18, 24)
@@ -28,10 +28,6 @@ TEST_SCALES = (1.0, 0.5, 0.75)
 IGNORE_INDEX = 255
 OUTPUT_STRIDE = 8
 RECIPE_MEAN_BGR = (104.008, 116.669, 122.675)  # configs/voc12.yaml IMAGE.MEAN, caffe's 0-255 BGR
-
-
-class SegmentationWeightsError(CheckpointError):
-    """Weights trained with segmentation masks offered as the initialisation of a WSSS network."""
 
 
 # ------------------------------------------------------------------------------------------ network

@@ -50,16 +50,21 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(array: np.ndarray) -> np.ndarray:
-    """Elementwise sum of an integer or float array over all ranks (a copy; int64/float64 exact)."""
+def sum_over_ranks(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Elementwise sum over all ranks. A NumPy array gives a new array (int64/float64 exact, the input
+    untouched); a tensor is reduced in place on its device and returned. Unchanged in a single process."""
+    if isinstance(x, torch.Tensor):
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
     if not is_distributed():
-        return array.copy()
-    dtype = torch.int64 if np.issubdtype(array.dtype, np.integer) else torch.float64
-    t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        return x.copy()
+    dtype = torch.int64 if np.issubdtype(x.dtype, np.integer) else torch.float64
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.cpu().numpy().astype(array.dtype)
+    return t.cpu().numpy().astype(x.dtype)
 
 
 def gather_objects(obj: Any) -> list:
@@ -89,10 +94,3 @@ def collective_call(fn: Callable[[], Any], main_only: bool = False) -> Any:
         if err is not None:
             raise err
     return outcomes[0][0]
-
-
-def reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all ranks, in place (unchanged in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t

@@ -1,4 +1,5 @@
-"""Exceptions for bad input. The CLI prints them without a traceback and exits with code 2."""
+"""Every exception vwe raises for bad input, in one place. The CLI prints them without a traceback and
+exits with code 2."""
 
 
 class VweError(Exception):
@@ -11,6 +12,34 @@ class DataError(VweError):
 
 class CheckpointError(VweError):
     """A checkpoint or weights file is missing, incomplete or of another model shape."""
+
+
+class ConfigError(VweError):
+    """A config file or override is invalid; the message names the key and where it came from."""
+
+
+class WriteError(VweError):
+    """An output could not be written (read-only or full file system, permissions)."""
+
+
+class RunLocked(VweError):
+    """Another process writes into this run directory."""
+
+
+class ConfigDrift(VweError):
+    """The config differs from the checkpoint's in keys that change what training computes."""
+
+
+class NonFinite(VweError):
+    """A loss, parameter or buffer became NaN or Inf; the last good checkpoint is kept."""
+
+
+class SegmentationWeightsError(CheckpointError):
+    """Weights trained with segmentation masks offered as the initialisation of a WSSS network."""
+
+
+class WeightsImportError(CheckpointError):
+    """An authors' weights file does not fit the network it is said to hold."""
 
 
 def problem_list(head: str, problems: list[str], limit: int) -> str:

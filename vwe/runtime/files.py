@@ -21,15 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from vwe.runtime.errors import VweError
+from vwe.runtime.errors import VweError, WriteError
 
 
 _CAUSES = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
            errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
-
-
-class WriteError(VweError):
-    """An output could not be written (read-only or full file system, permissions)."""
 
 
 def long_component(path: str | os.PathLike) -> str | None:

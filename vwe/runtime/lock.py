@@ -18,14 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from vwe.runtime.errors import VweError
-from vwe.runtime.files import WriteError, writing
+from vwe.runtime.errors import RunLocked, WriteError
+from vwe.runtime.files import writing
 
 LOCK_NAME = ".lock"
-
-
-class RunLocked(VweError):
-    """Another process writes into this run directory."""
 
 
 def _holder_text(h: dict) -> str:

@@ -20,7 +20,7 @@ from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
 from vwe.formats.config import Config
 from vwe.data.loader import infer_ranges, infer_samples
 from vwe.data.index import load_index
-from vwe.runtime.dist import all_reduce_sum, distributed_state, gather_objects
+from vwe.runtime.dist import sum_over_ranks, distributed_state, gather_objects
 from vwe.runtime.errors import CheckpointError, DataError, id_listing, problem_list
 from vwe.runtime.files import atomic_write, file_sha256
 from vwe.report.miou import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
@@ -86,27 +86,27 @@ def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: n
             "scored": scored, "skips": skips.state(), "range": hi - lo}
 
 
-def _check_complete(parts: list[dict], cfg: Config, cam_dir: Path,
+def _check_complete(ranks: list[dict], cfg: Config, cam_dir: Path,
                     expected: tuple[Path, str] | None) -> tuple[list[str], list[str]]:
     limit = cfg.eval.max_listed
-    bad = [b for p in parts for b in p["bad"]]
+    bad = [b for p in ranks for b in p["bad"]]
     if bad:
         raise DataError(problem_list(f"{len(bad)} problem(s) with the CAMs in {cam_dir} or the masks of split "
                                      f"'{cfg.data.infer_split}'", bad, limit))
     now = (f"; `vwe infer` replaces those not from {expected[0]} (sha256 {expected[1]})" if expected else "")
-    by_weights = cams_by_weights([p["by_weights"] for p in parts], cam_dir, f"rerun `vwe infer`{now}")
+    by_weights = cams_by_weights([p["by_weights"] for p in ranks], cam_dir, f"rerun `vwe infer`{now}")
     if expected and by_weights and expected[1] not in by_weights:
         (found,) = by_weights
         raise DataError(f"CAMs in {cam_dir} come from other weights (sha256 {found}) than those `vwe infer` "
                         f"would use now: {expected[0]} (sha256 {expected[1]}). Rerun `vwe infer` (it replaces "
                         f"CAMs of other weights), or score these as they are with eval.cams={cam_dir}")
-    missing = [k for p in parts for k in p["missing"]]
+    missing = [k for p in ranks for k in p["missing"]]
     if missing and not cfg.eval.allow_missing:
         raise DataError(f"{len(missing)} id(s) of split '{cfg.data.infer_split}' have no CAM in {cam_dir} "
                         f"(set eval.allow_missing=true to evaluate the rest): {id_listing(missing, limit)}")
-    if not sum(p["scored"] for p in parts):
+    if not sum(p["scored"] for p in ranks):
         raise DataError(f"no image of split '{cfg.data.infer_split}' could be scored with the CAMs in {cam_dir} "
-                        f"({len(missing)} without a CAM, {sum(len(p['skips']) for p in parts)} skipped as corrupt)")
+                        f"({len(missing)} without a CAM, {sum(len(p['skips']) for p in ranks)} skipped as corrupt)")
     return missing, list(by_weights)
 
 
@@ -122,17 +122,17 @@ def evaluate(cfg: Config, sweep: bool = False) -> int:
     thresholds = sweep_thresholds(*cfg.eval.sweep, extra=(float(bkg),)) if sweep else np.array([bkg])
     start = time.perf_counter()
     part = _score_part(cfg, state.process_index, state.num_processes, cam_dir, thresholds)
-    hist = all_reduce_sum(part.pop("hist"))
-    parts = gather_objects(part)
-    missing, weights = _check_complete(parts, cfg, cam_dir, expected)
+    hist = sum_over_ranks(part.pop("hist"))
+    ranks = gather_objects(part)
+    missing, weights = _check_complete(ranks, cfg, cam_dir, expected)
     confs = confusions_from_histogram(hist)
     if not state.is_main_process:
         return 0
     skips = SkipPolicy.from_config(cfg, what="sample")
-    skips.merge(p["skips"] for p in parts)
-    report = _report(cfg, confs, thresholds, bkg, missing, weights, sum(p["scored"] for p in parts),
+    skips.merge(p["skips"] for p in ranks)
+    report = _report(cfg, confs, thresholds, bkg, missing, weights, sum(p["scored"] for p in ranks),
                      time.perf_counter() - start, state.num_processes)
-    report.update(split_size=sum(p["range"] for p in parts), skipped=skips.report(), cams=str(cam_dir),
+    report.update(split_size=sum(p["range"] for p in ranks), skipped=skips.report(), cams=str(cam_dir),
                   infer_mixed_precision=_inference_precision(cam_dir),
                   weights_matched=expected is not None, weights=str(expected[0]) if expected else None)
     out = Path(cfg.output.run_dir) / "eval"

@@ -184,7 +184,7 @@ class CamWork(ImageWork):
         return {"weights": str(weights_path(self.cfg)), "weights_sha256": self.weights_sha256,
                 "mixed_precision": self.precision}
 
-    def report(self, parts: list[dict], totals: dict, seconds: float, world: int) -> None:
+    def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
         if self.cfg.infer.legacy_dir:
             n = export_legacy(self.out_dir, Path(self.cfg.infer.legacy_dir))
             print(f"exported {n} CAMs in the pickled-dict .npy format to {self.cfg.infer.legacy_dir}")

@@ -24,13 +24,13 @@ from torch import nn
 
 from vwe.data.loader import infer_samples, train_batches
 from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
-from vwe.formats.config import Config, ConfigError, IrnConfig, ModelConfig
+from vwe.formats.config import Config, IrnConfig, ModelConfig
 from vwe.formats.labels import encode_label_png, read_label_png
 from vwe.labels import confident
 from vwe.labels.pathindex import PathIndex, path_index
 from vwe.nets.irn import IRNet, NUM_LABELS, STRIDE, irn_loss, pair_losses
 from vwe.runtime.dist import collective_call
-from vwe.runtime.errors import DataError, VweError
+from vwe.runtime.errors import ConfigError, DataError, VweError
 from vwe.runtime.files import atomic_write, file_sha256
 from vwe.runtime.skips import SkipPolicy
 from vwe.stages.perimage import ImageWork, Output, run_per_image
@@ -131,20 +131,20 @@ class IrLabelWork(ImageWork):
     def problems_heading(self, n: int) -> str:
         return f"{n} CAM problem(s) in {self.cam_dir}"
 
-    def part(self) -> dict:
+    def rank_totals(self) -> dict:
         return {"pixels": self.pixels, "checked": self.checked, "by_weights": dict(self.by_weights)}
 
-    def check_parts(self, parts: list[dict]) -> None:
-        by_weights = cams_by_weights([p["by_weights"] for p in parts], self.cam_dir,
+    def check_ranks(self, ranks: list[dict]) -> None:
+        by_weights = cams_by_weights([p["by_weights"] for p in ranks], self.cam_dir,
                                      "rerun `vwe infer` (it replaces CAMs of other weights)")
         self.weights_sha256 = next(iter(by_weights), "")
 
     def manifest(self) -> dict:
         return {"cam_dir": str(self.cam_dir), "weights_sha256": self.weights_sha256, "settings": self.fingerprint}
 
-    def report(self, parts: list[dict], totals: dict, seconds: float, world: int) -> None:
-        pixels = sum(p["pixels"] for p in parts)
-        right, known = (int(v) for v in sum(p["checked"] for p in parts))
+    def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
+        pixels = sum(p["pixels"] for p in ranks)
+        right, known = (int(v) for v in sum(p["checked"] for p in ranks))
         fractions = dict(zip(("background", "foreground", "unsure"), (pixels / max(int(pixels.sum()), 1)).tolist()))
         images = totals["written"] + totals["already_done"]
         report = {"split": self.split, "settings": self.fingerprint, "cam_dir": str(self.cam_dir),

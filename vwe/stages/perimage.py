@@ -86,18 +86,18 @@ class ImageWork:
         """The first line of the error that lists every bad input."""
         return f"`vwe {self.name}`: {n} bad input(s) for split '{self.split}'"
 
-    def part(self) -> dict:
+    def rank_totals(self) -> dict:
         """This rank's totals for the report (small, picklable)."""
         return {}
 
-    def check_parts(self, parts: list[dict]) -> None:
+    def check_ranks(self, ranks: list[dict]) -> None:
         """On every rank, after the pass: raise if the ranks' results do not belong together."""
 
     def manifest(self) -> dict:
         """Fields of this rank's manifest besides counts and ids (e.g. the weights' SHA-256)."""
         return {}
 
-    def report(self, parts: list[dict], totals: dict, seconds: float, world: int) -> None:
+    def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
         """On rank 0, after the pass: write and print the stage's report."""
 
 
@@ -234,25 +234,25 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
               f"{work.what}(s); exiting with code {PREEMPT_EXIT_CODE}")
         return PREEMPT_EXIT_CODE
 
-    parts = gather_objects({"counts": counts, "skips": skips.state(), "problems": problems, "part": work.part()})
-    every = [p for part in parts for p in part["problems"]]
+    ranks = gather_objects({"counts": counts, "skips": skips.state(), "problems": problems, "totals": work.rank_totals()})
+    every = [p for part in ranks for p in part["problems"]]
     if every:
         raise DataError(problem_list(work.problems_heading(len(every)), every, max_listed))
-    work.check_parts([p["part"] for p in parts])
+    work.check_ranks([p["totals"] for p in ranks])
     seconds = time.perf_counter() - start
     manifest = {"stage": work.name, "rank": rank, "world": world, "split": work.split, **work.manifest(),
                 "seconds": round(seconds, 3), **counts, "max_pending_images": batcher.max_pending,
                 "skipped": skips.report(), "ids": sorted(written)}
     atomic_write(manifest_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), f"{work.name} manifest")
     if state.is_main_process:
-        totals = {k: sum(p["counts"][k] for p in parts) for k in COUNTS}
-        skips.merge(p["skips"] for p in parts)
+        totals = {k: sum(p["counts"][k] for p in ranks) for k in COUNTS}
+        skips.merge(p["skips"] for p in ranks)
         totals["skipped"] = skips.total
         totals["images"] = total
         print(f"{work.name} on '{work.split}' over {world} process(es): {totals['written']} written, "
               f"{totals['already_done']} already done, {totals['stale_replaced']} replaced -> {out_dir}")
         if skips.total:
             print(skips.summary(f"over {world} process(es)") + "; ids in the manifests")
-        work.report([p["part"] for p in parts], {**totals, "skips": skips.report()}, seconds, world)
+        work.report([p["totals"] for p in ranks], {**totals, "skips": skips.report()}, seconds, world)
     state.wait_for_everyone()
     return 0

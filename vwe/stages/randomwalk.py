@@ -146,11 +146,11 @@ class RandomWalkWork(ImageWork):
     def problems_heading(self, n: int) -> str:
         return f"{n} CAM problem(s) in {self.cam_dir}"
 
-    def part(self) -> dict:
+    def rank_totals(self) -> dict:
         return {"conf": self.conf, "base": self.base, "no_mask": self.no_mask, "by_weights": dict(self.by_weights)}
 
-    def check_parts(self, parts: list[dict]) -> None:
-        by_weights = cams_by_weights([p["by_weights"] for p in parts], self.cam_dir,
+    def check_ranks(self, ranks: list[dict]) -> None:
+        by_weights = cams_by_weights([p["by_weights"] for p in ranks], self.cam_dir,
                                      "rerun `vwe infer` (it replaces CAMs of other weights)")
         self.cam_weights_sha256 = next(iter(by_weights), "")
 
@@ -158,9 +158,9 @@ class RandomWalkWork(ImageWork):
         return {"cam_dir": str(self.cam_dir), "cam_weights_sha256": self.cam_weights_sha256,
                 "weights": str(self.weights), "settings": self.fingerprint}
 
-    def report(self, parts: list[dict], totals: dict, seconds: float, world: int) -> None:
-        conf, base = sum(p["conf"] for p in parts), sum(p["base"] for p in parts)
-        no_mask = sum(p["no_mask"] for p in parts)
+    def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
+        conf, base = sum(p["conf"] for p in ranks), sum(p["base"] for p in ranks)
+        no_mask = sum(p["no_mask"] for p in ranks)
         images = totals["written"] + totals["already_done"]
         scored = images - no_mask
         report = {"split": self.split, "settings": walk_settings(self.ic), "weights": str(self.weights),

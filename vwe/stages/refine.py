@@ -151,20 +151,20 @@ class LabelWork(ImageWork):
     def problems_heading(self, n: int) -> str:
         return f"{n} CAM problem(s) in {self.cam_dir}"
 
-    def part(self) -> dict:
+    def rank_totals(self) -> dict:
         return {"conf": self.conf, "base": self.base, "no_mask": self.no_mask, "by_weights": dict(self.by_weights)}
 
-    def check_parts(self, parts: list[dict]) -> None:
-        by_weights = cams_by_weights([p["by_weights"] for p in parts], self.cam_dir,
+    def check_ranks(self, ranks: list[dict]) -> None:
+        by_weights = cams_by_weights([p["by_weights"] for p in ranks], self.cam_dir,
                                      "rerun `vwe infer` (it replaces CAMs of other weights)")
         self.weights_sha256 = next(iter(by_weights), "")
 
     def manifest(self) -> dict:
         return {"cam_dir": str(self.cam_dir), "weights_sha256": self.weights_sha256, "settings": self.fingerprint}
 
-    def report(self, parts: list[dict], totals: dict, seconds: float, world: int) -> None:
-        _report(self.cfg, sum(p["conf"] for p in parts), sum(p["base"] for p in parts),
-                {**totals, "no_mask": sum(p["no_mask"] for p in parts)}, self.cam_dir, self.out_dir,
+    def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
+        _report(self.cfg, sum(p["conf"] for p in ranks), sum(p["base"] for p in ranks),
+                {**totals, "no_mask": sum(p["no_mask"] for p in ranks)}, self.cam_dir, self.out_dir,
                 self.weights_sha256, seconds, world)
 
 

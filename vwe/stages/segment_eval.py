@@ -148,16 +148,16 @@ class SegPredictWork(ImageWork):
             return
         self.conf += confusion_matrix(label, sample["mask"].numpy(), NUM_LABELS)
 
-    def part(self) -> dict:
+    def rank_totals(self) -> dict:
         return {"conf": self.conf, "no_mask": self.no_mask}
 
     def manifest(self) -> dict:
         return {"weights": str(self.weights), "weights_sha256": self.weights_sha256, "settings": settings(self.sc),
                 "mixed_precision": self.precision}
 
-    def report(self, parts: list[dict], totals: dict, seconds: float, world: int) -> None:
-        conf = sum(p["conf"] for p in parts)
-        no_mask = sum(p["no_mask"] for p in parts)
+    def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
+        conf = sum(p["conf"] for p in ranks)
+        no_mask = sum(p["no_mask"] for p in ranks)
         images = totals["written"] + totals["already_done"]
         scored = images - no_mask
         report = {"split": self.split, "weights": str(self.weights), "weights_sha256": self.weights_sha256,

@@ -19,7 +19,7 @@ import torch
 from vwe.formats.checkpoint import export_weights
 from vwe.formats.config import Config, load_config, repo_configs_dir
 from vwe.nets.backbone import weights_only_refusal
-from vwe.runtime.errors import CheckpointError
+from vwe.runtime.errors import WeightsImportError
 
 SOURCES = ("vwe-2021", "vwl-l", "vwl-m")
 # The heads in the order of the published network's `newly_added` list.
@@ -38,10 +38,6 @@ RECIPES = {
               "model.memory_rho=0.001", "model.decorrelation_weight=0.0", "eval.bkg=0.13"],
 }
 MAX_LISTED = 12
-
-
-class WeightsImportError(CheckpointError):
-    """An authors' weights file does not fit the network it is said to hold."""
 
 
 def recipe_config(source: str) -> Config:

@@ -28,18 +28,10 @@ from vwe.formats.checkpoint import (FINAL_WEIGHTS_NAME, MB, check_compatible, co
                                     step_folder, verify_checkpoint, write_checkpoint)
 from vwe.formats.config import Config
 from vwe.runtime.dist import collective_call, gather_objects
-from vwe.runtime.errors import CheckpointError, VweError
+from vwe.runtime.errors import CheckpointError, ConfigDrift, NonFinite
 from vwe.training.drift import Change, config_changes
 from vwe.training.recipe import Recipe
 from vwe.training.setup import Parts, TrainState
-
-
-class ConfigDrift(VweError):
-    """The config differs from the checkpoint's in keys that change what training computes."""
-
-
-class NonFinite(VweError):
-    """A loss, parameter or buffer became NaN or Inf; the last good checkpoint is kept."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +304,7 @@ class CheckpointManager:
             self.save(state)
         else:
             self.check_finite(state, "before exporting the final weights")
-        acc, model = self.parts.accelerator, self.parts.model
+        acc, model = self.parts.accelerator, self.parts.engine
         state_dict = acc.get_state_dict(model)
         path = self.run_dir / FINAL_WEIGHTS_NAME
         digest = collective_call(lambda: export_weights(state_dict, self.cfg.to_dict(), path), main_only=True)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from vwe.runtime.device import peak_memory_mib
-from vwe.runtime.dist import reduce_sum
+from vwe.runtime.dist import sum_over_ranks
 from vwe.runtime.files import atomic_write
 from vwe.training.setup import Parts, TrainState
 
@@ -110,7 +110,7 @@ class TrainLogger:
         if state.step % self.cfg.train.log_every and state.step != self.parts.max_steps:
             return
         w = self.window
-        means = reduce_sum(w.loss_sums.clone()) / (self.parts.accelerator.num_processes * max(1, w.micro))
+        means = sum_over_ranks(w.loss_sums.clone()) / (self.parts.accelerator.num_processes * max(1, w.micro))
         elapsed = max(time.perf_counter() - w.start, 1e-9)
         record: dict = {"step": state.step, "epoch": state.epoch}
         record.update({f"loss/{k}": round(v, 6) for k, v in zip(w.names, means.tolist())})

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from vwe.data.loader import train_batches
-from vwe.formats.config import Config, ConfigError, ModelConfig
+from vwe.formats.config import Config, ModelConfig
 from vwe.nets.cam import build_model, param_groups
 from vwe.runtime.skips import SkipPolicy
+from vwe.runtime.errors import ConfigError
 
 
 class Recipe:

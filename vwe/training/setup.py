@@ -11,11 +11,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
-from vwe.formats.config import Config, ConfigError, ModelConfig
+from vwe.formats.config import Config, ModelConfig
 from vwe.runtime.dist import import_before_group
 from vwe.data.loader import micro_batch_size, steps_per_epoch
 from vwe.runtime.device import native_bf16, precision_note, resolve_precision
 from vwe.training.recipe import CamRecipe, Recipe
+from vwe.runtime.errors import ConfigError
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Parts:
     cfg: Config
     model_cfg: ModelConfig
     accelerator: Accelerator
-    model: torch.nn.Module      # as prepared by Accelerate (DDP / DeepSpeed engine)
+    engine: torch.nn.Module     # the network as prepared by Accelerate (DDP wrapper or DeepSpeed engine)
     net: torch.nn.Module        # the unwrapped network
     optimizer: torch.optim.Optimizer
     scheduler: PolySchedule
@@ -189,6 +190,6 @@ def build_parts(cfg: Config, accelerator: Accelerator, recipe: Recipe | None = N
     # DeepSpeed runs bf16/fp16 by casting the weights (no autocast): inputs must match them
     input_dtype = next(net.parameters()).dtype if accelerator.distributed_type == DistributedType.DEEPSPEED \
         else torch.float32
-    return Parts(cfg=cfg, model_cfg=model_cfg, accelerator=accelerator, model=model, net=net,
+    return Parts(cfg=cfg, model_cfg=model_cfg, accelerator=accelerator, engine=model, net=net,
                  optimizer=optimizer, scheduler=scheduler, input_dtype=input_dtype, micro_batch=micro_batch,
                  steps_per_epoch=steps_epoch, max_steps=max_steps, recipe=recipe)

@@ -11,20 +11,20 @@ from vwe.runtime.device import synchronize
 from vwe.training.setup import Parts
 
 
-def train_step(parts: Parts, batch: dict, mark: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+def micro_step(parts: Parts, batch: dict, mark: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """Forward, loss, backward and (on an accumulation boundary) the SGD update and schedule step.
 
     `batch` holds uint8 images (B, 3, H, W) and what the recipe's loss needs; returns the loss terms. `mark(phase)`,
     when given, is called after each phase ("forward", "backward", "optimizer") with the device synced.
     """
     acc = parts.accelerator
-    with acc.accumulate(parts.model):
+    with acc.accumulate(parts.engine):
         # DeepSpeed runs bf16/fp16 by casting the weights: inputs take their dtype (input_dtype)
         images = normalize(batch["image"].to(parts.device, non_blocking=True)).to(parts.input_dtype)
         if parts.model_cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with acc.autocast():
-            out = parts.model(images)
+            out = parts.engine(images)
         losses = parts.recipe.losses(parts.net, out, batch, parts.device)
         _mark(mark, "forward", parts)
         acc.backward(losses["loss"])
@@ -44,7 +44,7 @@ def _mark(mark: Callable[[str], None] | None, phase: str, parts: Parts) -> None:
 
 
 class PhaseTimer:
-    """Seconds per phase of each step, for `train_step(..., mark=timer.mark)` after `timer.start()`."""
+    """Seconds per phase of each step, for `micro_step(..., mark=timer.mark)` after `timer.start()`."""
 
     def __init__(self) -> None:
         self.times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}

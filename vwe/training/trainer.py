@@ -1,6 +1,6 @@
 """The training loop of docs/method.md on Accelerate, as a short loop over named components.
 
-Setup builds the parts (vwe/training/setup.py); `train_step` runs one micro-step (vwe/training/step.py);
+Setup builds the parts (vwe/training/setup.py); `micro_step` runs one micro-step (vwe/training/step.py);
 the CheckpointManager decides when to save and what may be saved or resumed (vwe/training/checkpointer.py); the
 TrainLogger reports (vwe/training/logger.py). Once per optimizer step all ranks agree, in one small
 all-reduce, on divergence, preemption and skipped samples. SIGTERM/SIGUSR1 -> checkpoint -> exit 75.
@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import set_seed
 
 from vwe.formats.config import Config, save_config
-from vwe.runtime.dist import collective_call, gather_objects, reduce_sum
+from vwe.runtime.dist import collective_call, gather_objects, sum_over_ranks
 from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
 from vwe.runtime.lock import RunLock
 from vwe.runtime.skips import SkipPolicy
@@ -24,7 +24,7 @@ from vwe.training.checkpointer import CheckpointManager, training_data
 from vwe.training.logger import TrainLogger
 from vwe.training.recipe import CamRecipe, Recipe
 from vwe.training.setup import build_parts, make_accelerator
-from vwe.training.step import train_step
+from vwe.training.step import micro_step
 
 
 class Trainer:
@@ -73,7 +73,7 @@ class Trainer:
             return PREEMPT_EXIT_CODE
         while s.step < parts.max_steps:
             for batch in self._batches():
-                losses = train_step(parts, batch)
+                losses = micro_step(parts, batch)
                 s.micro += 1
                 s.samples += len(batch["key"]) * parts.accelerator.num_processes
                 self.logger.add(losses)
@@ -103,7 +103,7 @@ class Trainer:
         """A signal during start-up (any rank): exit 75 before the first step. No checkpoint is written: no
         step was taken in this launch, so the checkpoint resumed from (or none) is exactly where the
         requeued job starts again, and the time a step and a save would take may be all the job has left."""
-        flags = reduce_sum(torch.tensor([float(self.preempt.requested)], device=self.parts.device))
+        flags = sum_over_ranks(torch.tensor([float(self.preempt.requested)], device=self.parts.device))
         if not flags[0] > 0:
             return False
         where = f"from {self.checkpoints.last}" if self.checkpoints.last else "from the start"
@@ -127,7 +127,7 @@ class Trainer:
 
     def _agree(self) -> tuple[bool, bool]:
         """One all-reduce per step: non-finite loss anywhere, a preemption signal anywhere, skips summed."""
-        flags = reduce_sum(torch.tensor([float(not self.logger.window.finite()),
+        flags = sum_over_ranks(torch.tensor([float(not self.logger.window.finite()),
                                          float(self.preempt.requested), float(self.skips.take_window())],
                                         device=self.parts.device))
         self.state.skipped += int(flags[2])
