@@ -7,7 +7,8 @@ import json
 from conftest import REPO, run_vwe
 
 TINY_BENCH = ["model.backbone=resnet18", "model.num_words=8", "data.crop_size=64", "data.long_side=[64, 80]",
-              "train.batch_size=2", "infer.scales=[1.0]", "infer.batch_size=2", "data.num_workers=1"]
+              "train.batch_size=2", "infer.scales=[1.0]", "infer.batch_size=2", "data.num_workers=1",
+              "seg.crop_size=64", "seg.batch_size=2", "seg.test_scales=[0.5]", "seg.test_flip=false"]
 
 
 def test_bench_suite_writes_every_figure(synthetic_shards, tmp_path):
@@ -19,7 +20,9 @@ def test_bench_suite_writes_every_figure(synthetic_shards, tmp_path):
             f"data.root={synthetic_shards}", "--out", str(out), "--steps", "1", "--quick",
             "--update-doc", str(doc), timeout=1800)
     r = json.loads((out / "benchmarks.json").read_text())
-    assert {"machine", "data", "train_fp32", "train_auto", "infer_fp32", "infer_auto", "eval", "distribution"} <= set(r)
+    assert {"machine", "data", "train_fp32", "train_auto", "infer_fp32", "infer_auto", "eval", "seg",
+            "distribution"} <= set(r)
+    assert r["seg"]["training"]["img_per_s"] > 0 and r["seg"]["prediction"]["gflop_per_image"] > 0
     assert r["machine"]["cores"] >= 1 and r["machine"]["torch"]
     assert r["train_fp32"]["variants"][0]["mixed_precision"] == "no"
     assert r["train_auto"]["variants"][0]["mixed_precision"] == ("bf16" if r["machine"]["cpu_native_bf16"] else "no")
@@ -27,6 +30,7 @@ def test_bench_suite_writes_every_figure(synthetic_shards, tmp_path):
     assert set(r["distribution"]["img_s"]) == {"1", "2"} and r["distribution"]["scaling"] > 0
     table = (out / "benchmarks.md").read_text()
     assert table.startswith("Measured ") and "| training, 1 vs 2 processes" in table
+    assert "| segmentation training | resnet18" in table
     text = doc.read_text()
     assert "hand-written text" in text and "more text" in text and "old" not in text.split("hand-written")[1]
     assert table in text

@@ -118,6 +118,7 @@ def run_suite(cfg: Config, out: Path, steps: int, quick: bool = False) -> dict:
         bench("infer_auto", "infer", f"infer.mixed_precision={auto}")
         results["infer_auto"]["precision_setting"] = "auto"
         bench("eval", "eval")
+        bench("seg", "seg")
         results["distribution"] = _distribution(cfg_path, root, split, steps, out, log)
     atomic_write(out / "benchmarks.json", json.dumps(results, indent=2), "benchmark results")
     atomic_write(out / "benchmarks.md", render(results), "benchmark table")
@@ -177,6 +178,13 @@ def render(r: dict) -> str:
     e = r["eval"]
     lines.append(f"| evaluation | {e.get('images', '?')} images | "
                  + ", ".join(f"{k} {v}" for k, v in e.items() if k.endswith("_seconds")) + " |")
+    if "seg" in r:
+        t, p = r["seg"]["training"], r["seg"]["prediction"]
+        lines.append(f"| segmentation training | {t['backbone']}, batch {t['batch_size']} x {t['crop_size']}px, "
+                     f"MSC {t['msc_scales']}, {t['mixed_precision']} | {t['img_per_s']} img/s, MFU {100 * t['mfu']:.1f}%, "
+                     f"peak {t['peak_mem_mib']:.0f} MiB |")
+        lines.append(f"| segmentation prediction | scales {p['test_scales']}{' + flip' if p['test_flip'] else ''}, "
+                     f"{p['mixed_precision']} | {p['img_per_s']} img/s, MFU {100 * p['mfu']:.1f}% |")
     dist = r["distribution"]
     img = dist["img_s"]
     lines.append(f"| training, 1 vs 2 processes (same global batch) | {' / '.join(img)} processes | "
