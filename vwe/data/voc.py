@@ -18,6 +18,7 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 NUM_CLASSES = 20
 IGNORE_INDEX = 255
+NUM_LABELS = NUM_CLASSES + 1  # label values: background 0, classes 1..20 (255 ignored)
 _CLASS_INDEX = {name: i for i, name in enumerate(CLASS_NAMES)}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vwe.data.voc import NUM_LABELS
 from vwe.report.board import log_evaluation
 from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
 from vwe.formats.config import Config
@@ -26,8 +27,6 @@ from vwe.runtime.files import atomic_write, file_sha256
 from vwe.report.miou import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
                          mask_value_problem, mean_iou, pixel_accuracy, sweep_histogram, sweep_thresholds)
 from vwe.runtime.skips import SkipPolicy, unseen_after
-
-NUM_LABELS = 21  # background + 20 VOC classes
 
 
 def expected_weights(cfg: Config) -> tuple[Path, str] | None:

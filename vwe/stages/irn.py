@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,17 +22,18 @@ import torch
 from torch import nn
 
 from vwe.data.loader import infer_samples, train_batches
-from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
+from vwe.formats.cams import cam_dir_for
 from vwe.formats.config import Config, IrnConfig, ModelConfig
-from vwe.formats.labels import encode_label_png, read_label_png
+from vwe.formats.labels import encode_label_png
 from vwe.labels import confident
 from vwe.labels.pathindex import PathIndex, path_index
 from vwe.nets.irn import IRNet, NUM_LABELS, STRIDE, irn_loss, pair_losses
 from vwe.runtime.dist import collective_call
 from vwe.runtime.errors import ConfigError, DataError, VweError
-from vwe.runtime.files import atomic_write, file_sha256
+from vwe.runtime.files import atomic_write
 from vwe.runtime.skips import SkipPolicy
-from vwe.stages.perimage import ImageWork, Output, run_per_image
+from vwe.stages.camlabels import CamLabelWork
+from vwe.stages.perimage import Output, run_per_image
 from vwe.training.recipe import Recipe
 from vwe.training.trainer import train
 
@@ -78,12 +78,13 @@ def check_cam_dir(cam_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------- relation labels
 
-class IrLabelWork(ImageWork):
+class IrLabelWork(CamLabelWork):
     """One image's relation labels (the per-image part of `vwe irn-labels`); tallies how much of the image
     is confident and, where the split has masks, how often the confident pixels are right."""
-    name, what, suffix = "irn-labels", "relation label", ".png"
+    name, what = "irn-labels", "relation label"
 
     def __init__(self, cfg: Config, cam_dir: Path, out_dir: Path) -> None:
+        super().__init__()
         from vwe.stages.refine import check_crf_available
         check_crf_available()
         self.cfg, self.ic, self.cam_dir, self.out_dir = cfg, cfg.irn, cam_dir, out_dir
@@ -91,26 +92,10 @@ class IrLabelWork(ImageWork):
         self.fingerprint = label_settings(cfg.irn)
         self.pixels = np.zeros(3, np.int64)     # background, foreground, unsure
         self.checked = np.zeros(2, np.int64)    # confident pixels with a known mask value: right, all
-        self.by_weights: dict[str, list[str]] = defaultdict(list)
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
         return infer_samples(self.cfg, rank, world, split=self.split, with_scales=False, with_image=True, skips=skips)
 
-    def prepare(self, sample: dict) -> dict:
-        key = sample["key"]
-        cam_path = self.cam_dir / f"{key}.npz"
-        if not cam_path.exists():
-            raise DataError(f"CAM file {cam_path}: not found (image {key!r} of split '{self.split}')")
-        rec = read_cam_for(cam_path, sample["size"], num_classes=NUM_LABELS - 1)
-        self.by_weights[rec.weights_sha256].append(key)
-        source = json.dumps({"cam_sha256": file_sha256(cam_path), **self.fingerprint}, sort_keys=True)
-        return {**sample, "cam": rec, "source": source}
-
-    def current(self, sample: dict, path: Path) -> tuple[bool, np.ndarray | None]:
-        found = read_label_png(path)
-        if found is not None and found[1] == sample["source"]:
-            return True, found[0]
-        return False, None
 
     def compute(self, samples: list[dict]) -> list[Output]:
         outputs = []
@@ -128,19 +113,11 @@ class IrLabelWork(ImageWork):
             known = (label != IGNORE) & (gt != IGNORE)
             self.checked += [(label[known] == gt[known]).sum(), known.sum()]
 
-    def problems_heading(self, n: int) -> str:
-        return f"{n} CAM problem(s) in {self.cam_dir}"
-
     def rank_totals(self) -> dict:
-        return {"pixels": self.pixels, "checked": self.checked, "by_weights": dict(self.by_weights)}
-
-    def check_ranks(self, ranks: list[dict]) -> None:
-        by_weights = cams_by_weights([p["by_weights"] for p in ranks], self.cam_dir,
-                                     "rerun `vwe infer` (it replaces CAMs of other weights)")
-        self.weights_sha256 = next(iter(by_weights), "")
+        return {"pixels": self.pixels, "checked": self.checked, **super().rank_totals()}
 
     def manifest(self) -> dict:
-        return {"cam_dir": str(self.cam_dir), "weights_sha256": self.weights_sha256, "settings": self.fingerprint}
+        return {"cam_dir": str(self.cam_dir), "weights_sha256": self.cam_weights_sha256, "settings": self.fingerprint}
 
     def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
         pixels = sum(p["pixels"] for p in ranks)
@@ -148,7 +125,7 @@ class IrLabelWork(ImageWork):
         fractions = dict(zip(("background", "foreground", "unsure"), (pixels / max(int(pixels.sum()), 1)).tolist()))
         images = totals["written"] + totals["already_done"]
         report = {"split": self.split, "settings": self.fingerprint, "cam_dir": str(self.cam_dir),
-                  "out_dir": str(self.out_dir), "weights_sha256": self.weights_sha256, "num_images": images,
+                  "out_dir": str(self.out_dir), "weights_sha256": self.cam_weights_sha256, "num_images": images,
                   **{k: totals[k] for k in ("written", "already_done", "stale_replaced")},
                   "skipped": totals["skips"], "pixel_fractions": fractions,
                   "confident_accuracy": right / known if known else None, "confident_checked_pixels": known,

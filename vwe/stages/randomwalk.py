@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,20 +17,20 @@ import torch
 
 from vwe.data.loader import infer_samples
 from vwe.data.transforms import normalize
-from vwe.formats.cams import cams_by_weights, read_cam_for
 from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, load_weights
 from vwe.formats.config import Config, IrnConfig
-from vwe.formats.labels import encode_label_png, read_label_png
+from vwe.formats.labels import encode_label_png
 from vwe.labels.randomwalk import sem_seg_labels
 from vwe.nets.irn import NUM_LABELS, IRNet, infer_edge
 from vwe.report.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
     pixel_accuracy
 from vwe.runtime.dist import distributed_state
-from vwe.runtime.errors import CheckpointError, DataError
+from vwe.runtime.errors import CheckpointError
 from vwe.runtime.files import atomic_write, file_sha256
 from vwe.runtime.skips import SkipPolicy
 from vwe.stages.irn import check_cam_dir, irn_cam_dir, irn_dir
-from vwe.stages.perimage import ImageWork, Output, run_per_image
+from vwe.stages.camlabels import CamLabelWork
+from vwe.stages.perimage import Output, run_per_image
 
 
 def walk_label_dir(cfg: Config) -> Path:
@@ -84,12 +83,13 @@ def exact_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-class RandomWalkWork(ImageWork):
+class RandomWalkWork(CamLabelWork):
     """One image's random-walk pseudo label (the per-image part of `vwe random-walk`), scored on its mask."""
-    name, what, suffix = "random-walk", "pseudo label", ".png"
+    name, what = "random-walk", "pseudo label"
 
     def __init__(self, cfg: Config, net: IRNet, weights_sha256: str, weights: Path, cam_dir: Path,
                  device: torch.device) -> None:
+        super().__init__()
         self.cfg, self.ic, self.net, self.device = cfg, cfg.irn, net, device
         self.split, self.data_root = cfg.irn.label_split, cfg.data.root
         self.cam_dir, self.out_dir = cam_dir, walk_label_dir(cfg)
@@ -98,26 +98,10 @@ class RandomWalkWork(ImageWork):
         self.conf = np.zeros((NUM_LABELS, NUM_LABELS), np.int64)
         self.base = np.zeros_like(self.conf)  # the CAMs' own label maps at eval.bkg
         self.no_mask = 0
-        self.by_weights: dict[str, list[str]] = defaultdict(list)
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
         return infer_samples(self.cfg, rank, world, split=self.split, with_scales=False, with_image=True, skips=skips)
 
-    def prepare(self, sample: dict) -> dict:
-        key = sample["key"]
-        cam_path = self.cam_dir / f"{key}.npz"
-        if not cam_path.exists():
-            raise DataError(f"CAM file {cam_path}: not found (image {key!r} of split '{self.split}')")
-        rec = read_cam_for(cam_path, sample["size"], num_classes=NUM_LABELS - 1)
-        self.by_weights[rec.weights_sha256].append(key)
-        source = json.dumps({"cam_sha256": file_sha256(cam_path), **self.fingerprint}, sort_keys=True)
-        return {**sample, "cam": rec, "source": source}
-
-    def current(self, sample: dict, path: Path) -> tuple[bool, np.ndarray | None]:
-        found = read_label_png(path)
-        if found is not None and found[1] == sample["source"]:
-            return True, found[0]
-        return False, None
 
     @torch.no_grad()
     def compute(self, samples: list[dict]) -> list[Output]:
@@ -143,16 +127,8 @@ class RandomWalkWork(ImageWork):
         self.conf += confusion_matrix(label, gt, NUM_LABELS)
         self.base += confusion_matrix(cam_to_label(rec.high_res, rec.keys, self.cfg.eval.bkg), gt, NUM_LABELS)
 
-    def problems_heading(self, n: int) -> str:
-        return f"{n} CAM problem(s) in {self.cam_dir}"
-
     def rank_totals(self) -> dict:
-        return {"conf": self.conf, "base": self.base, "no_mask": self.no_mask, "by_weights": dict(self.by_weights)}
-
-    def check_ranks(self, ranks: list[dict]) -> None:
-        by_weights = cams_by_weights([p["by_weights"] for p in ranks], self.cam_dir,
-                                     "rerun `vwe infer` (it replaces CAMs of other weights)")
-        self.cam_weights_sha256 = next(iter(by_weights), "")
+        return {"conf": self.conf, "base": self.base, "no_mask": self.no_mask, **super().rank_totals()}
 
     def manifest(self) -> dict:
         return {"cam_dir": str(self.cam_dir), "cam_weights_sha256": self.cam_weights_sha256,

@@ -9,24 +9,24 @@ matches both and redoes the rest. Rank 0 writes `report.json` and `report.md`.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from vwe.data.voc import NUM_LABELS
 from vwe.data.loader import infer_samples
-from vwe.formats.cams import cam_dir_for, cams_by_weights, read_cam_for
+from vwe.formats.cams import cam_dir_for
 from vwe.formats.config import Config, RefineConfig
-from vwe.formats.labels import encode_label_png, read_label_png
+from vwe.formats.labels import encode_label_png
 from vwe.report.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
     pixel_accuracy
 from vwe.runtime.errors import DataError, VweError
-from vwe.runtime.files import atomic_write, file_sha256
+from vwe.runtime.files import atomic_write
 from vwe.runtime.skips import SkipPolicy
-from vwe.stages.perimage import ImageWork, Output, run_per_image
+from vwe.stages.camlabels import CamLabelWork
+from vwe.stages.perimage import Output, run_per_image
 
-NUM_LABELS = 21  # background + 20 VOC classes
 CRF_EXTRA = "pip install 'vwe[crf]' (pydensecrf2), or use refine.method=threshold"
 
 
@@ -92,39 +92,27 @@ def check_crf_available() -> None:
         raise VweError(f"refine.method=crf needs the pydensecrf module: {CRF_EXTRA}") from None
 
 
-class LabelWork(ImageWork):
+class LabelWork(CamLabelWork):
     """One image's pseudo label from its CAM (the per-image part of `vwe refine`), scored against its mask."""
-    name, what, suffix = "refine", "pseudo label", ".png"
+    name, what = "refine", "pseudo label"
 
     def __init__(self, cfg: Config, cam_dir: Path, out_dir: Path) -> None:
+        super().__init__()
         self.cfg, self.rc, self.cam_dir, self.out_dir = cfg, cfg.refine, cam_dir, out_dir
         self.split, self.data_root = cfg.data.infer_split, cfg.data.root
         self.fingerprint = settings(cfg.refine)
         self.conf = np.zeros((NUM_LABELS, NUM_LABELS), np.int64)
         self.base = np.zeros_like(self.conf)  # the threshold labels at the same bkg: what the CRF changed
         self.no_mask = 0
-        self.by_weights: dict[str, list[str]] = defaultdict(list)
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
         return infer_samples(self.cfg, rank, world, with_scales=False, with_image=self.rc.method == "crf",
                              skips=skips)
 
-    def prepare(self, sample: dict) -> dict:
-        key = sample["key"]
-        cam_path = self.cam_dir / f"{key}.npz"
-        if not cam_path.exists():
-            raise DataError(f"CAM file {cam_path}: not found (image {key!r} of split '{self.split}')")
-        rec = read_cam_for(cam_path, sample["size"], num_classes=NUM_LABELS - 1)
-        self.by_weights[rec.weights_sha256].append(key)
-        source = json.dumps({"cam_sha256": file_sha256(cam_path), **self.fingerprint}, sort_keys=True)
-        return {**sample, "cam": rec, "source": source}
-
     def current(self, sample: dict, path: Path) -> tuple[bool, np.ndarray | None]:
-        found = read_label_png(path)
         color = self.out_dir / "color" / f"{sample['key']}.png"
-        if found is not None and found[1] == sample["source"] and (not self.rc.color or color.exists()):
-            return True, found[0]
-        return False, None
+        done, label = super().current(sample, path)
+        return (done, label) if not self.rc.color or color.exists() else (False, None)
 
     def compute(self, samples: list[dict]) -> list[Output]:
         outputs = []
@@ -148,24 +136,16 @@ class LabelWork(ImageWork):
         self.conf += confusion_matrix(label, gt, NUM_LABELS)
         self.base += confusion_matrix(threshold_labels(rec.high_res, rec.keys, self.rc.bkg), gt, NUM_LABELS)
 
-    def problems_heading(self, n: int) -> str:
-        return f"{n} CAM problem(s) in {self.cam_dir}"
-
     def rank_totals(self) -> dict:
-        return {"conf": self.conf, "base": self.base, "no_mask": self.no_mask, "by_weights": dict(self.by_weights)}
-
-    def check_ranks(self, ranks: list[dict]) -> None:
-        by_weights = cams_by_weights([p["by_weights"] for p in ranks], self.cam_dir,
-                                     "rerun `vwe infer` (it replaces CAMs of other weights)")
-        self.weights_sha256 = next(iter(by_weights), "")
+        return {"conf": self.conf, "base": self.base, "no_mask": self.no_mask, **super().rank_totals()}
 
     def manifest(self) -> dict:
-        return {"cam_dir": str(self.cam_dir), "weights_sha256": self.weights_sha256, "settings": self.fingerprint}
+        return {"cam_dir": str(self.cam_dir), "weights_sha256": self.cam_weights_sha256, "settings": self.fingerprint}
 
     def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
         _report(self.cfg, sum(p["conf"] for p in ranks), sum(p["base"] for p in ranks),
                 {**totals, "no_mask": sum(p["no_mask"] for p in ranks)}, self.cam_dir, self.out_dir,
-                self.weights_sha256, seconds, world)
+                self.cam_weights_sha256, seconds, world)
 
 
 def _scores(conf: np.ndarray) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vwe.data.voc import NUM_LABELS
 from vwe.data.loader import infer_samples
 from vwe.data.transforms import normalize
 from vwe.formats.checkpoint import load_weights
@@ -30,7 +31,6 @@ from vwe.runtime.files import atomic_write, file_sha256
 from vwe.runtime.skips import SkipPolicy
 from vwe.stages.perimage import ImageWork, Output, run_per_image
 
-NUM_LABELS = 21
 SHAPE_KEYS = ("backbone", "num_classes", "aspp_rates", "norm")  # what a weights file must agree on
 
 
