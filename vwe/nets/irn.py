@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from vwe.data.voc import NUM_LABELS  # affinity labels: values >= 21 (255) are unsure
 from vwe.labels.pathindex import PathIndex
 from vwe.labels.randomwalk import edge_to_affinity
 from vwe.nets.backbone import Backbone
 
 STRIDE = 4
+NUM_LABELS = 21          # background + 20 classes (vwe.data.voc.NUM_LABELS; nets sit below data); >= 21 is unsure
 CROP_SIZE = 512          # run_sample.py --irn_crop_size; also EdgeDisplacement's inference padding
 EPS = 1e-5               # resnet50_irn.py / train_irn.py: inside the logs and the loss denominators
 
