@@ -147,3 +147,15 @@ def test_segmentation_weights_are_refused(synthetic_shards, seg_data, tmp_path):
                              f"seg.pretrained={leak}"), check=False)
     assert proc.returncode == 2 and "leak" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "seg").exists()
+
+
+def test_segment_eval_without_weights_names_the_key_and_the_command(synthetic_shards, seg_data, tmp_path):
+    proc = run_vwe(*seg_args("segment-eval", synthetic_shards, seg_data, tmp_path / "run"), check=False)
+    weights = tmp_path / "run" / "seg" / "final" / "model.safetensors"
+    assert proc.returncode == 2 and f"seg.weights: weights {weights} not found: train first (`vwe segment`)" \
+        in proc.stderr, proc.stderr
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    proc = run_vwe(*seg_args("segment-eval", synthetic_shards, seg_data, tmp_path / "run", f"seg.weights={folder}"),
+                   check=False)
+    assert proc.returncode == 2 and f"weights {folder / 'model.safetensors'} not found" in proc.stderr, proc.stderr

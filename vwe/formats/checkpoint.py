@@ -242,6 +242,18 @@ def _same_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> bool:
         old[k].dtype == t.dtype and old[k].shape == t.shape and torch.equal(old[k], t) for k, t in tensors.items())
 
 
+def stage_weights(given: str, default: Path, key: str, train_command: str) -> Path:
+    """A later stage's weights file: `given` (a file, or a folder holding model.safetensors: a checkpoint or
+    final/), else `default`; CheckpointError naming the key and the command that makes them."""
+    path = Path(given) if given else default
+    if path.is_dir():
+        path = path / FINAL_WEIGHTS_NAME.name
+    if not path.is_file():
+        raise CheckpointError(f"{key}: weights {path} not found: train first (`{train_command}`), or set {key} to a "
+                              f"weights file or a checkpoint folder")
+    return path
+
+
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read exported weights (no pickle) and the config stored with them. Weights inside a training
     checkpoint folder are read only after the whole folder verifies against its meta.json."""

@@ -74,6 +74,14 @@ def pixel_accuracy(conf: np.ndarray) -> float:
     return float(np.trace(conf) / total) if total else float("nan")
 
 
+def scores(conf: np.ndarray) -> dict:
+    """A report's scores of one confusion matrix: mIoU, pixel accuracy and each class's IoU by short name
+    (None for a class absent from masks and predictions)."""
+    iou = iou_per_class(conf)
+    return {"miou": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf),
+            "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(SHORT_NAMES, iou)}}
+
+
 def sweep_thresholds(start: float, stop: float, step: float, extra: tuple[float, ...] = ()) -> np.ndarray:
     """Sorted, de-duplicated float32 thresholds start..stop (inclusive) plus `extra`."""
     n = int(np.floor((stop - start) / step + 1e-6)) + 1

@@ -24,8 +24,7 @@ from vwe.data.index import load_index
 from vwe.runtime.dist import sum_over_ranks, distributed_state, gather_objects
 from vwe.runtime.errors import CheckpointError, DataError, id_listing, problem_list
 from vwe.runtime.files import atomic_write, file_sha256
-from vwe.report.miou import (SHORT_NAMES, confusions_from_histogram, format_table, iou_per_class,
-                         mask_value_problem, mean_iou, pixel_accuracy, sweep_histogram, sweep_thresholds)
+from vwe.report.miou import (confusions_from_histogram, format_table, mask_value_problem, mean_iou, scores, sweep_histogram, sweep_thresholds)
 from vwe.runtime.skips import SkipPolicy, unseen_after
 
 
@@ -176,13 +175,10 @@ def _report(cfg: Config, confs: np.ndarray, thresholds: np.ndarray, bkg: np.floa
             weights: list[str], scored: int, seconds: float, world: int) -> dict:
     main = int(np.flatnonzero(thresholds == bkg)[0])
     conf = confs[main]
-    iou = iou_per_class(conf)
     report = {
         "split": cfg.data.infer_split,
         "bkg": float(cfg.eval.bkg),
-        "miou": mean_iou(conf),
-        "pixel_accuracy": pixel_accuracy(conf),
-        "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(SHORT_NAMES, iou)},
+        **scores(conf),
         "num_images": scored,
         "missing": sorted(missing),
         "weights_sha256": weights[0] if weights else None,

@@ -17,13 +17,12 @@ import torch
 
 from vwe.data.loader import infer_samples
 from vwe.data.transforms import normalize
-from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, load_weights
+from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, load_weights, stage_weights
 from vwe.formats.config import Config, IrnConfig
 from vwe.formats.labels import encode_label_png
 from vwe.labels.randomwalk import sem_seg_labels
 from vwe.nets.irn import NUM_LABELS, IRNet, infer_edge
-from vwe.report.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
-    pixel_accuracy
+from vwe.report.miou import cam_to_label, confusion_matrix, format_table, iou_per_class, scores
 from vwe.runtime.dist import distributed_state
 from vwe.runtime.errors import CheckpointError
 from vwe.runtime.files import atomic_write, file_sha256
@@ -46,13 +45,7 @@ def walk_settings(ic: IrnConfig) -> dict:
 
 def irn_weights_path(cfg: Config) -> Path:
     """`irn.weights` (a file or a checkpoint folder), else the stage's exported final weights."""
-    path = Path(cfg.irn.weights) if cfg.irn.weights else irn_dir(cfg) / FINAL_WEIGHTS_NAME
-    if path.is_dir():
-        path = path / FINAL_WEIGHTS_NAME.name
-    if not path.is_file():
-        raise CheckpointError(f"relation network weights {path} not found: train it first (`vwe irn-train`), or "
-                              f"set irn.weights to a weights file or a checkpoint folder")
-    return path
+    return stage_weights(cfg.irn.weights, irn_dir(cfg) / FINAL_WEIGHTS_NAME, "irn.weights", "vwe irn-train")
 
 
 def load_irn_model(cfg: Config, device: torch.device) -> tuple[IRNet, str, Path]:
@@ -149,8 +142,8 @@ class RandomWalkWork(CamLabelWork):
         text = (f"Pseudo labels by random walk (beta {ic.beta}, exp_times {ic.exp_times}, radius {ic.walk_radius}, "
                 f"sem_seg_bg_thres {ic.sem_seg_bg_thres}) for '{self.split}': {images} images -> {self.out_dir}\n")
         if scored:
-            report.update(_scores(conf), confusion=conf.tolist(), cam_threshold={"bkg": self.cfg.eval.bkg,
-                                                                                  **_scores(base)})
+            report.update(scores(conf), confusion=conf.tolist(), cam_threshold={"bkg": self.cfg.eval.bkg,
+                                                                                  **scores(base)})
             text += f"\nmIoU against the masks ({scored} images):\n\n{format_table(iou_per_class(conf), report['miou'])}"
             text += (f"\nthe CAMs' own label maps at eval.bkg={self.cfg.eval.bkg} (no walk): mIoU "
                      f"{100 * report['cam_threshold']['miou']:.1f}\n")
@@ -162,12 +155,6 @@ class RandomWalkWork(CamLabelWork):
         atomic_write(self.out_dir / "report.json", json.dumps(report, indent=2), "random-walk report")
         atomic_write(self.out_dir / "report.md", text, "random-walk report")
         print(text + f"\nreport: {self.out_dir / 'report.json'}")
-
-
-def _scores(conf: np.ndarray) -> dict:
-    iou = iou_per_class(conf)
-    return {"miou": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf),
-            "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(SHORT_NAMES, iou)}}
 
 
 def random_walk(cfg: Config) -> int:

@@ -19,8 +19,7 @@ from vwe.data.loader import infer_samples
 from vwe.formats.cams import cam_dir_for
 from vwe.formats.config import Config, RefineConfig
 from vwe.formats.labels import encode_label_png
-from vwe.report.miou import SHORT_NAMES, cam_to_label, confusion_matrix, format_table, iou_per_class, mean_iou, \
-    pixel_accuracy
+from vwe.report.miou import cam_to_label, confusion_matrix, format_table, iou_per_class, scores
 from vwe.runtime.errors import DataError, VweError
 from vwe.runtime.files import atomic_write
 from vwe.runtime.skips import SkipPolicy
@@ -148,12 +147,6 @@ class LabelWork(CamLabelWork):
                 self.cam_weights_sha256, seconds, world)
 
 
-def _scores(conf: np.ndarray) -> dict:
-    iou = iou_per_class(conf)
-    return {"miou": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf),
-            "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(SHORT_NAMES, iou)}}
-
-
 def refine(cfg: Config) -> int:
     """Label PNGs for every image of data.infer_split from its CAM, over all ranks; rank 0 reports.
     Returns 0, or PREEMPT_EXIT_CODE after SIGUSR1/SIGTERM (labels written so far are kept)."""
@@ -178,11 +171,11 @@ def _report(cfg: Config, conf: np.ndarray, base: np.ndarray, totals: dict, cam_d
     text = (f"Pseudo labels ({name}, bkg={rc.bkg}) for '{cfg.data.infer_split}': {num_images} images "
             f"({totals['written']} written, {totals['already_done']} already done) -> {out_dir}\n")
     if scored:
-        report.update(_scores(conf), confusion=conf.tolist())
+        report.update(scores(conf), confusion=conf.tolist())
         table = format_table(iou_per_class(conf), report["miou"])
         text += f"\nmIoU against the masks ({scored} images):\n\n{table}"
         if rc.method == "crf":
-            report["threshold"] = _scores(base)
+            report["threshold"] = scores(base)
             text += (f"\nthe CAMs' own label maps at bkg={rc.bkg} (no CRF): mIoU "
                      f"{100 * report['threshold']['miou']:.1f}\n")
     else:

@@ -19,11 +19,11 @@ import torch
 from vwe.data.voc import NUM_LABELS
 from vwe.data.loader import infer_samples
 from vwe.data.transforms import normalize
-from vwe.formats.checkpoint import load_weights
+from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, load_weights, stage_weights
 from vwe.formats.config import Config, SegConfig
 from vwe.formats.labels import encode_label_png, read_label_png
 from vwe.nets.deeplab import MSC, build_deeplab, crf_labels, predict_probs, recipe_crf_image
-from vwe.report.miou import SHORT_NAMES, confusion_matrix, format_table, iou_per_class, mean_iou, pixel_accuracy
+from vwe.report.miou import confusion_matrix, format_table, iou_per_class, scores
 from vwe.runtime.device import autocast as device_autocast, precision_note, resolve_precision
 from vwe.runtime.dist import distributed_state
 from vwe.runtime.errors import CheckpointError
@@ -41,13 +41,7 @@ def seg_dir(cfg: Config) -> Path:
 
 def seg_weights_path(cfg: Config) -> Path:
     """The DeepLab weights `vwe segment-eval` uses: `seg.weights`, else the stage's exported final weights."""
-    path = Path(cfg.seg.weights) if cfg.seg.weights else seg_dir(cfg) / "final" / "model.safetensors"
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"segmentation weights {path} not found: train DeepLab first (`vwe segment`), or "
-                              f"set seg.weights to a weights file or a checkpoint folder")
-    return path
+    return stage_weights(cfg.seg.weights, seg_dir(cfg) / FINAL_WEIGHTS_NAME, "seg.weights", "vwe segment")
 
 
 def prediction_dir(cfg: Config, split: str) -> Path:
@@ -169,10 +163,9 @@ class SegPredictWork(ImageWork):
         text = (f"Segmentation of '{self.split}' (scales {list(self.sc.test_scales)}, "
                 f"{'flip, ' if self.sc.test_flip else ''}{crf}): {images} images -> {self.out_dir}\n")
         if scored:
-            iou = iou_per_class(conf)
-            report.update(miou=mean_iou(conf), pixel_accuracy=pixel_accuracy(conf), confusion=conf.tolist(),
-                          iou={n: (None if np.isnan(v) else float(v)) for n, v in zip(SHORT_NAMES, iou)})
-            text += f"\nmIoU against the masks ({scored} images):\n\n{format_table(iou, report['miou'])}"
+            report.update(scores(conf), confusion=conf.tolist())
+            table = format_table(iou_per_class(conf), report["miou"])
+            text += f"\nmIoU against the masks ({scored} images):\n\n{table}"
         else:
             report["miou"] = None
             text += "\nno ground-truth masks in this split (the test split?): predictions only, for the server\n"
