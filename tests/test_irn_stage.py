@@ -239,3 +239,28 @@ def test_pipeline_until_irn_then_deeplab_on_the_walk_labels(synthetic_shards, tm
     split = json.loads((run / "seg" / "shards" / f"{seg_split}.json").read_text())
     assert split["targets"]["from"] == str((irn / "pseudo_labels").resolve()) and split["targets"]["source_split"] == "val"
     assert json.loads((run / "seg" / "eval" / "val" / "report.json").read_text())["num_images"] == 12
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("launch", ["launch/cpu.yaml", "launch/deepspeed_zero2.yaml"])
+def test_relation_network_on_two_processes_plain_and_zero2(synthetic_shards, trained, tmp_path, launch):
+    """The relation network's frozen backbone under DDP and under DeepSpeed ZeRO-2 (bf16): both ranks train
+    the same replica and the exported weights hold only finite values."""
+    if "deepspeed" in launch:
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    run = _copy_run(trained, tmp_path / "run")
+    precision = "bf16" if "deepspeed" in launch else "no"
+    cmd = launch_cmd(2, "irn-train", "--config", DEMO,
+                     *_overrides(synthetic_shards, run, "irn.max_steps=3", "irn.checkpoint_every=3"),
+                     f"irn.mixed_precision={precision}", launch_config=launch)
+    env = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    s = json.loads((run / "irn" / "summary.json").read_text())
+    assert s["processes"] == 2 and s["replicas_identical"] and s["batches_per_rank"] == [3, 3], s
+    assert s["distributed_type"] == ("DEEPSPEED" if "deepspeed" in launch else "MULTI_CPU")
+    if "deepspeed" in launch:
+        assert s["deepspeed"]["zero_stage"] == 2 and s["deepspeed"]["world_size"] == 2
+    assert (run / "irn" / "checkpoints" / "step-000003").is_dir()
+    final = _final(run)
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())

@@ -1,5 +1,6 @@
 """`vwe demo`: synthetic data -> shards -> the whole chain on every local core or GPU: CAM network, CAMs and
-their mIoU, CRF pseudo labels, a DeepLab trained on them and its val mIoU, side by side; pictures."""
+their mIoU, CRF pseudo labels, a DeepLab trained on them and its val mIoU, IRNet's random-walk pseudo labels
+from the same CAMs, side by side; pictures."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,13 +49,16 @@ def run_demo(workdir: Path, processes: int = 0) -> int:
     # CAMs and pseudo labels for the training images (as in the paper); DeepLab is scored on val
     overrides = [f"data.root={shards}", f"output.run_dir={run}", "data.infer_split=train"]
     load_config(config, overrides)  # fail here, not in every rank
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
-           "--num_processes", str(n), "-m", "vwe", "pipeline", "--config", str(config), "--until", "segment",
-           *overrides]
-    print(f"[demo] launching {n} process(es): {' '.join(cmd[2:])}")
-    code = subprocess.call(cmd)
-    if code:
-        return code
+    # the CRF chain to DeepLab, then IRNet's labels from the same CAMs (training, CAMs and their
+    # evaluation are skipped the second time: they are current)
+    for until in ("segment", "irn"):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
+               "--num_processes", str(n), "-m", "vwe", "pipeline", "--config", str(config), "--until", until,
+               *overrides]
+        print(f"[demo] launching {n} process(es): {' '.join(cmd[2:])}")
+        code = subprocess.call(cmd)
+        if code:
+            return code
 
     cfg = load_config(config, overrides)
     print("[demo] the CAMs of val, to compare with DeepLab on the same images")
@@ -68,6 +72,7 @@ def run_demo(workdir: Path, processes: int = 0) -> int:
     print(summary_table(run, cam_val))
     print(f"\n[demo] CAM report:          {run / 'eval' / 'report.json'}")
     print(f"[demo] pseudo-label report: {run / 'pseudo_labels' / 'report.json'}")
+    print(f"[demo] IRNet label report:  {run / 'irn' / 'pseudo_labels' / 'report.json'}")
     print(f"[demo] DeepLab report:      {run / 'seg' / 'eval' / 'val' / 'report.json'}")
     print(f"[demo] pictures:            {pictures}")
     print(f"[demo] tensorboard --logdir {run / 'tb'}  (DeepLab: {run / 'seg' / 'tb'})")
@@ -90,8 +95,10 @@ def summary_table(run: Path, cam_val: float) -> str:
     """The chain's numbers side by side (mIoU, %)."""
     cam = json.loads((run / "eval" / "report.json").read_text())
     labels = json.loads((run / "pseudo_labels" / "report.json").read_text())
+    walk = json.loads((run / "irn" / "pseudo_labels" / "report.json").read_text())
     seg = json.loads((run / "seg" / "eval" / "val" / "report.json").read_text())
     rows = [("CAMs (bkg threshold)", "train", cam["miou"]), ("CRF pseudo labels", "train", labels["miou"]),
+            ("IRNet pseudo labels (random walk)", "train", walk["miou"]),
             ("CAMs (bkg threshold)", "val", cam_val), ("DeepLab on the pseudo labels", "val", seg["miou"])]
     lines = ["| what | split | mIoU |", "|---|---|---|"]
     lines += [f"| {what} | {split} | {100 * miou:.1f} |" for what, split, miou in rows]
