@@ -49,11 +49,11 @@ def _mutated(source, i, **parts):
 
 def _train(root, *over):
     cfg = demo_cfg(root, "train.batch_size=8", "data.train_split=train", "data.shuffle_buffer=0", *over)
-    return list(train_batches(cfg, 0, 1, 0))
+    return list(train_batches(cfg.data, cfg.train, 0, 1, 0))
 
 
 def _infer(root, *over):
-    return list(infer_samples(demo_cfg(root, *over), 0, 1, split="train"))
+    return list(infer_samples((cfg := demo_cfg(root, *over)).data, cfg.infer, 0, 1, split="train"))
 
 
 def _both_fail(root, *patterns):

@@ -28,7 +28,7 @@ def shards(tmp_path_factory):
 
 
 def _all(cfg, rank, world, epoch=0, start=0):
-    return list(train_batches(cfg, rank, world, epoch, start_batch=start))
+    return list(train_batches(cfg.data, cfg.train, rank, world, epoch, start_batch=start))
 
 
 def _same(a, b):
@@ -39,7 +39,7 @@ def _same(a, b):
 def test_equal_batch_counts_and_shapes_per_rank(shards):
     for world, accum in [(1, 1), (2, 1), (3, 1), (3, 2)]:
         cfg = demo_cfg(shards, "train.batch_size=6", f"train.grad_accum={accum}", "data.train_split=train_aug")
-        assert steps_per_epoch(cfg) == 4
+        assert steps_per_epoch(cfg.data, cfg.train) == 4
         for rank in range(world):
             batches = _all(cfg, rank, world)
             assert len(batches) == 4 * accum
@@ -150,14 +150,15 @@ def test_inference_covers_every_sample_exactly_once(split_variants, n_shards):
     expected = sorted(load_index(root, "train").keys)
     for world, kind in [(1, "process"), (2, "process"), (3, "process"), (3, "thread")]:
         cfg = demo_cfg(root, "infer.num_workers=2", f"data.worker_kind={kind}")
-        keys = [s["key"] for r in range(world) for s in infer_samples(cfg, r, world, split="train", with_scales=False)]
+        keys = [s["key"] for r in range(world)
+                for s in infer_samples(cfg.data, cfg.infer, r, world, split="train", with_scales=False)]
         assert sorted(keys) == expected and len(keys) == len(set(keys)) == 24, (n_shards, world, kind)
 
 
 def test_inference_sample_content(shards):
     cfg = demo_cfg(shards, "infer.scales=[1.0,0.5,1.5]")
     src = {s["key"]: s["parts"] for s in samples_of(shards, "val")}
-    got = list(infer_samples(cfg, 0, 1, split="val"))
+    got = list(infer_samples(cfg.data, cfg.infer, 0, 1, split="val"))
     assert [s["key"] for s in got] == load_index(shards, "val").keys
     for s in got:
         parts = src[s["key"]]
@@ -176,7 +177,8 @@ def test_inference_sample_content(shards):
 def test_inference_with_more_ranks_than_samples(split_variants):
     root = split_variants[2]
     cfg = demo_cfg(root, "infer.num_workers=2", "data.worker_kind=thread")
-    per_rank = [[s["key"] for s in infer_samples(cfg, r, 30, split="train", with_scales=False)] for r in range(30)]
+    per_rank = [[s["key"] for s in infer_samples(cfg.data, cfg.infer, r, 30, split="train", with_scales=False)]
+                for r in range(30)]
     assert sorted(k for keys in per_rank for k in keys) == sorted(load_index(root, "train").keys)
     assert sum(1 for keys in per_rank if not keys) == 6
 
@@ -191,7 +193,7 @@ def test_inference_scales_follow_data_resize(shards, resize):
     bilinear is a measurably different image."""
     overrides = [] if resize == "bicubic" else ["data.resize=bilinear"]
     cfg = demo_cfg(shards, "infer.scales=[0.5,1.5,2.0]", *overrides)
-    for s in infer_samples(cfg, 0, 1, split="val"):
+    for s in infer_samples(cfg.data, cfg.infer, 0, 1, split="val"):
         ref = s["image"].permute(1, 2, 0).numpy()
         for x in s["scales"]:
             h, w = x.shape[-2:]

@@ -24,7 +24,7 @@ def overrides(shards: Path, run: Path, *extra: str) -> list[str]:
 def ground_truth(shards: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     cfg = load_config(DEMO, overrides(shards, Path("unused")))
     out = {}
-    for s in infer_samples(cfg, 0, 1, with_scales=False):
+    for s in infer_samples(cfg.data, cfg.infer, 0, 1, with_scales=False):
         out[s["key"]] = (s["mask"].numpy(), np.flatnonzero(s["labels"].numpy() > 0.5))
     return out
 

@@ -51,7 +51,7 @@ def test_a_signal_stops_after_the_current_batch_and_the_rerun_completes(syntheti
                  "data.infer_split=train", "infer.scales=[1.0, 1.5, 2.0]", f"infer.batch_size={batch}",
                  "infer.num_workers=1"]
     cfg = load_config(DEMO, overrides)
-    sizes = [tuple(s["size"]) for s in infer_samples(cfg, 0, 1, with_scales=False, with_image=False)]
+    sizes = [tuple(s["size"]) for s in infer_samples(cfg.data, cfg.infer, 0, 1, with_scales=False, with_image=False)]
     assert len(sizes) == 48 and len(set(sizes)) >= 25  # most images have a size of their own
     export_random_weights(cfg, run)
     cmd = [sys.executable, "-m", "vwe", "infer", "--config", str(DEMO), *overrides]

@@ -43,7 +43,7 @@ def test_deepspeed_batch_fields_fit_any_process_count(repo, stage, world, accum)
     if 16 % (world * accum):
         pytest.skip("batch 16 does not divide")
     settings = json.loads((repo / "launch" / f"deepspeed_zero{stage}.json").read_text())
-    fields = deepspeed_batch_fields(settings, micro_batch_size(cfg, world), accum, world)
+    fields = deepspeed_batch_fields(settings, micro_batch_size(cfg.train, world), accum, world)
     assert fields["train_batch_size"] == cfg.train.batch_size == 16
     assert fields["train_micro_batch_size_per_gpu"] == 16 // (world * accum)
     assert fields["gradient_accumulation_steps"] == accum

@@ -41,14 +41,16 @@ def test_train_loader_workers_survive_preemption_signals(synthetic_shards, num_w
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     cfg = demo_cfg(synthetic_shards, "train.batch_size=4", "data.train_split=train",
                    f"data.num_workers={num_workers}", "data.worker_kind=process")
-    reference = list(train_batches(cfg, 0, 1, 0))
-    got = list(_signal_workers_after(train_batches(cfg, 0, 1, 0), num_workers))
-    assert len(got) == len(reference) == 12
+    reference = [b for epoch in (0, 1) for b in train_batches(cfg.data, cfg.train, 0, 1, epoch)]
+    # signalled in the first epoch, the same workers go on into the second
+    got = list(_signal_workers_after(train_batches(cfg.data, cfg.train, 0, 1, 0, epochs=2), num_workers))
+    assert len(got) == len(reference) == 24
     assert all(a["key"] == b["key"] and torch.equal(a["image"], b["image"]) for a, b in zip(got, reference))
 
 
 def test_infer_loader_workers_survive_preemption_signals(synthetic_shards):
     cfg = demo_cfg(synthetic_shards, "infer.num_workers=1", "infer.scales=[1.0]", "data.worker_kind=process")
-    keys = [s["key"] for s in _signal_workers_after(infer_samples(cfg, 0, 1, split="val"), 1)]
-    assert sorted(keys) == sorted(s["key"] for s in infer_samples(cfg, 0, 1, split="val", with_scales=False))
+    keys = [s["key"] for s in _signal_workers_after(infer_samples(cfg.data, cfg.infer, 0, 1, split="val"), 1)]
+    reference = infer_samples(cfg.data, cfg.infer, 0, 1, split="val", with_scales=False)
+    assert sorted(keys) == sorted(s["key"] for s in reference)
     assert len(keys) == 12

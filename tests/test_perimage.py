@@ -33,7 +33,8 @@ class SizeWork(ImageWork):
         self.accounted: dict[str, str] = {}
 
     def samples(self, rank, world, skips):
-        return infer_samples(self.cfg, rank, world, with_scales=False, with_image=False, skips=skips)
+        return infer_samples(self.cfg.data, self.cfg.infer, rank, world, with_scales=False, with_image=False,
+                             skips=skips)
 
     def prepare(self, sample):
         if sample["key"] in self.bad:

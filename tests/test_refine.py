@@ -30,7 +30,8 @@ BLANK_ROWS = 3  # the known error of the exact CAMs: the top rows get no class e
 
 
 def _samples(shards: Path) -> list[dict]:
-    return list(infer_samples(demo_cfg(shards, "data.infer_split=train"), 0, 1, with_scales=False))
+    return list(infer_samples((cfg := demo_cfg(shards, "data.infer_split=train")).data, cfg.infer, 0, 1,
+                              with_scales=False))
 
 
 def _exact_cam(mask: np.ndarray) -> CamRecord:

@@ -69,7 +69,7 @@ def test_loader_streams_targets_from_a_label_split(synthetic_shards, tmp_path, r
     prepare_targets(root, "train", "train_gt", tmp_path / "labels", shard_size=10)
     cfg = load_config(repo / "configs" / "demo.yaml", [f"data.root={root}", "data.train_split=train_gt",
                                                        "data.crop_size=64", "train.batch_size=4", "data.num_workers=0"])
-    batches = list(train_batches(cfg, 0, 1, 0, seg_scales=(0.5, 1.0, 1.5)))
+    batches = list(train_batches(cfg.data, cfg.train, 0, 1, 0, seg_scales=(0.5, 1.0, 1.5)))
     assert len(batches) == 12
     b = batches[0]
     assert b["image"].shape == (4, 3, 64, 64) and b["target"].shape == (4, 64, 64) and b["target"].dtype == torch.uint8
@@ -79,4 +79,4 @@ def test_loader_streams_targets_from_a_label_split(synthetic_shards, tmp_path, r
     cam = load_config(repo / "configs" / "demo.yaml", [f"data.root={root}", "data.train_split=train",
                                                        "data.crop_size=64", "train.batch_size=4", "data.num_workers=0"])
     with pytest.raises(DataError, match=r"no segmentation target .*vwe prepare --labels-from"):
-        next(iter(train_batches(cam, 0, 1, 0, seg_scales=(1.0,))))
+        next(iter(train_batches(cam.data, cam.train, 0, 1, 0, seg_scales=(1.0,))))

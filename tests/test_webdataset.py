@@ -96,16 +96,16 @@ def test_vwe_reads_tarwriter_shards(shards, tmp_path):
     # the loaders give exactly what they give on vwe's own shards of the same samples
     for split_root in (shards, tmp_path / "tw"):
         cfg = demo_cfg(split_root, "data.train_split=train", "train.batch_size=4", "infer.scales=[1.0,0.5]")
-        inf = list(infer_samples(cfg, 0, 1, split="train"))
+        inf = list(infer_samples(cfg.data, cfg.infer, 0, 1, split="train"))
         assert [s["key"] for s in inf] == [s["key"] for s in src]
-    ref = list(infer_samples(demo_cfg(shards), 0, 1, split="train"))
+    ref = list(infer_samples((c := demo_cfg(shards)).data, c.infer, 0, 1, split="train"))
     for a, b in zip(inf, ref):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
         assert all(torch.equal(x, y) for x, y in zip(a["scales"], b["scales"]))
 
 
 def _batches(cfg, rank=0, world=1, start=0):
-    return list(train_batches(cfg, rank, world, 0, start_batch=start))
+    return list(train_batches(cfg.data, cfg.train, rank, world, 0, start_batch=start))
 
 
 def _same_batches(a, b) -> bool:
@@ -126,8 +126,8 @@ def test_loaders_stream_from_http_like_from_files(shards, serve, kind):
         assert _same_batches(_batches(http_, rank, world), ref) and len(ref) >= 2
         assert _same_batches(_batches(http_, rank, world, start=1), ref[1:])
     # inference: every sample exactly once over the ranks, identical content
-    ref = {s["key"]: s for s in infer_samples(files, 0, 1, split="train")}
-    got = [s for r in range(3) for s in infer_samples(http_, r, 3, split="train")]
+    ref = {s["key"]: s for s in infer_samples(files.data, files.infer, 0, 1, split="train")}
+    got = [s for r in range(3) for s in infer_samples(http_.data, http_.infer, r, 3, split="train")]
     assert sorted(s["key"] for s in got) == sorted(ref) and len(got) == len(ref) == 16
     for s in got:
         assert torch.equal(s["image"], ref[s["key"]]["image"]) and torch.equal(s["mask"], ref[s["key"]]["mask"])
@@ -135,7 +135,8 @@ def test_loaders_stream_from_http_like_from_files(shards, serve, kind):
 
 def test_pipe_command_root(shards):
     root = f"pipe:cat {shards}/{{name}}"
-    keys = [s["key"] for s in infer_samples(demo_cfg(root), 0, 1, split="val", with_scales=False)]
+    keys = [s["key"] for s in infer_samples(demo_cfg(root).data, demo_cfg(root).infer, 0, 1, split="val",
+                                            with_scales=False)]
     assert keys == load_index(shards, "val").keys
     with pytest.raises(DataError, match=r"must contain \{name\}"):
         load_index(f"pipe:cat {shards}/val.json", "val")
@@ -154,14 +155,15 @@ def test_http_errors_name_the_url(shards, serve, tmp_path):
     data[1500] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"shard {url}/val-000000.tar: SHA-256 .* does not match its index"):
-        list(infer_samples(demo_cfg(url), 0, 1, split="val", with_scales=False))
+        list(infer_samples((c := demo_cfg(url)).data, c.infer, 0, 1, split="val", with_scales=False))
     # cut short: the size check (also with verification off)
     shard.write_bytes(bytes(data[:len(data) - 2048]))
     with pytest.raises(DataError, match=f"shard {url}/val-000000.tar: .*bytes streamed, its index says"):
-        list(infer_samples(demo_cfg(url, "data.verify_shards=false"), 0, 1, split="val", with_scales=False))
+        list(infer_samples((c := demo_cfg(url, "data.verify_shards=false")).data, c.infer, 0, 1, split="val",
+                            with_scales=False))
     shard.unlink()
     with pytest.raises(DataError, match=f"shard {url}/val-000000.tar"):
-        list(infer_samples(demo_cfg(url), 0, 1, split="val", with_scales=False))
+        list(infer_samples((c := demo_cfg(url)).data, c.infer, 0, 1, split="val", with_scales=False))
 
 
 def test_train_and_infer_from_an_http_server(shards, serve, tmp_path):

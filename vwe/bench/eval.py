@@ -24,7 +24,7 @@ def write_random_cams(cfg: Config, out: Path, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     store = np.float16 if cfg.infer.dtype == "float16" else np.float32
     n = 0
-    for s in infer_samples(cfg, 0, 1, with_scales=False, with_image=False):
+    for s in infer_samples(cfg.data, cfg.infer, 0, 1, with_scales=False, with_image=False):
         h, w = s["size"]
         keys = np.flatnonzero(s["labels"].numpy() > 0.5)
         high = rng.random((len(keys), h, w), dtype=np.float32)

@@ -129,13 +129,10 @@ def _input(cfg: Config, device: torch.device, n: int):
     if is_remote(cfg.data.root) or Path(index_path(cfg.data.root, cfg.data.train_split)).is_file():
         from vwe.data.loader import train_batches
 
-        def real():
-            epoch = 0
-            while True:
-                for batch in train_batches(cfg, 0, 1, epoch):
-                    yield (batch["image"].to(device, non_blocking=True),
-                           batch["labels"].to(device, non_blocking=True))
-                epoch += 1
+        def real():  # the Trainer's stream: every epoch from one set of loader workers
+            for batch in train_batches(cfg.data, cfg.train, 0, 1, 0, epochs=None):
+                yield (batch["image"].to(device, non_blocking=True),
+                       batch["labels"].to(device, non_blocking=True))
         return real(), f"shards: {cfg.data.root}"
     b, s = cfg.train.batch_size, cfg.data.crop_size
     gen = torch.Generator().manual_seed(cfg.train.seed)

@@ -1,11 +1,13 @@
 """Training and inference loaders over the shards, split by rank (and by loader worker) here.
 
-Training: each rank reads an endless stream of shards (the epoch's shard order, repeated with fresh
-permutations, rank r taking every world-th shard), shuffles raw samples in a buffer, and cuts the
-stream into micro-batches. The content of micro-batch j is a function of (seed, epoch, rank, world, j)
+Training: in each epoch each rank reads an endless stream of shards (the epoch's shard order, repeated
+with fresh permutations, rank r taking every world-th shard), shuffles raw samples in a buffer, and cuts
+the stream into micro-batches. The content of micro-batch j is a function of (seed, epoch, rank, world, j)
 alone: every loader worker replays the same raw stream (cheap: bytes, no decoding) and decodes only its
 own batches, so results do not depend on the worker count and `start_batch=k` resumes exactly.
-A sample's augmentation draws from (seed, epoch, key) only.
+A sample's augmentation draws from (seed, epoch, key) only. One stream may run through several epochs
+(the Trainer's does): the same workers go on into the next epoch with their prefetch full, and every
+epoch's batches are the ones a stream of that epoch alone would give.
 
 Inference: the split's samples, in index order, are cut into one contiguous range per rank and then per
 worker: every sample exactly once over all ranks, for any world size and shard count.
@@ -27,6 +29,7 @@ from vwe.data.index import SplitIndex, load_index
 from vwe.data.reading import RawSample, read_shard, remember_members, verify_shards
 from vwe.data.transforms import irn_augment, load_rgb, open_jpeg, resize_pair, sample_rng, seg_augment, train_augment
 from vwe.data.voc import NUM_CLASSES, decode_mask
+from vwe.formats.config import DataConfig, InferConfig, TrainConfig
 from vwe.runtime.errors import DataError, VweError
 from vwe.runtime.preempt import PREEMPT_SIGNALS
 from vwe.runtime.skips import Skip, SkipPolicy
@@ -34,26 +37,27 @@ from vwe.runtime.skips import Skip, SkipPolicy
 _ERROR = "__vwe_data_error__"
 
 
-def _index(cfg, split: str) -> SplitIndex:
-    idx = load_index(cfg.data.root, split)
-    if cfg.data.verify_shards:
+def _index(data: DataConfig, split: str) -> SplitIndex:
+    """The index of `split` under data.root, its shards checked first when data.verify_shards."""
+    idx = load_index(data.root, split)
+    if data.verify_shards:
         verify_shards(idx)
     return idx
 
 
-def steps_per_epoch(cfg) -> int:
-    """Optimizer steps per epoch: len(train split) // train.batch_size (drop_last)."""
-    n = load_index(cfg.data.root, cfg.data.train_split).num_samples
-    steps = n // cfg.train.batch_size
+def steps_per_epoch(data: DataConfig, train: TrainConfig) -> int:
+    """Optimizer steps per epoch: len(data.train_split) // train.batch_size (drop_last)."""
+    n = load_index(data.root, data.train_split).num_samples
+    steps = n // train.batch_size
     if steps == 0:
-        raise VweError(f"split '{cfg.data.train_split}' has {n} samples, fewer than one batch "
-                       f"(train.batch_size = {cfg.train.batch_size})")
+        raise VweError(f"split '{data.train_split}' has {n} samples, fewer than one batch "
+                       f"(train.batch_size = {train.batch_size})")
     return steps
 
 
-def micro_batch_size(cfg, world: int) -> int:
+def micro_batch_size(train: TrainConfig, world: int) -> int:
     """Samples per micro-batch on one rank: batch_size // (world * grad_accum), which must divide evenly."""
-    b, acc = cfg.train.batch_size, cfg.train.grad_accum
+    b, acc = train.batch_size, train.grad_accum
     if b % (world * acc):
         raise VweError(f"train.batch_size ({b}) must be divisible by world size x train.grad_accum "
                        f"({world} x {acc})")
@@ -79,22 +83,25 @@ def _shard_order(n_shards: int, seed: int, epoch: int, rank: int, world: int) ->
 
 
 class _TrainStream(IterableDataset):
-    def __init__(self, cfg, index: SplitIndex, rank: int, world: int, epoch: int, start_batch: int,
-                 total: int, batch: int, seg_scales: tuple[float, ...] | None = None,
-                 irn: tuple[float, float] | None = None):
-        self.d, self.index, self.seg_scales, self.irn = cfg.data, index, seg_scales, irn
-        self.skips = SkipPolicy.from_config(cfg)  # decides in the workers; the main process records
-        self.seed = cfg.train.seed
-        self.rank, self.world, self.epoch = rank, world, epoch
-        self.start, self.total, self.batch = start_batch, total, batch
+    """One rank's micro-batches g = start, start + 1, ... (below `stop`; None: without end), counted
+    over epochs from `epoch` on: g is micro-batch g % per_epoch of epoch epoch + g // per_epoch. Worker w
+    of n makes the g with (g - start) % n == w, the round-robin order in which a DataLoader collects them."""
 
-    def _raw(self) -> Iterator[RawSample]:
-        """This rank's shuffled raw-sample stream (identical in every worker)."""
+    def __init__(self, data: DataConfig, seed: int, index: SplitIndex, rank: int, world: int, epoch: int,
+                 start: int, stop: int | None, per_epoch: int, batch: int,
+                 seg_scales: tuple[float, ...] | None = None, irn: tuple[float, float] | None = None):
+        self.d, self.index, self.seg_scales, self.irn = data, index, seg_scales, irn
+        self.skips = SkipPolicy.from_config(data)  # decides in the workers; the main process records
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, epoch
+        self.start, self.stop, self.per_epoch, self.batch = start, stop, per_epoch, batch
+
+    def _raw(self, epoch: int) -> Iterator[RawSample]:
+        """This rank's shuffled raw-sample stream of one epoch (identical in every worker)."""
         shards = self.index.shards
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world, 0xB0F])
+        rng = np.random.default_rng([self.seed, epoch, self.rank, self.world, 0xB0F])
         buf: list[RawSample] = []
         size = self.d.shuffle_buffer
-        for s in _shard_order(len(shards), self.seed, self.epoch, self.rank, self.world):
+        for s in _shard_order(len(shards), self.seed, epoch, self.rank, self.world):
             for raw in read_shard(self.index, shards[s], self.d.verify_shards):
                 if size <= 1:
                     yield raw
@@ -115,17 +122,25 @@ class _TrainStream(IterableDataset):
             yield {_ERROR: str(e)}
 
     def _batches(self, wid: int, nw: int) -> Iterator[dict]:
-        for j, samples, skips in self.plan(wid, nw):
-            yield self.decode(j, samples, skips)
+        for task in self.plan(wid, nw):
+            yield self.decode(*task)
 
-    def plan(self, wid: int, nw: int) -> Iterator[tuple[int, list[RawSample], list[Skip]]]:
-        """(j, raw samples, skips) for the micro-batches j this worker makes (no decoding)."""
-        stream = self._raw()
+    def plan(self, wid: int, nw: int) -> Iterator[tuple[int, int, list[RawSample], list[Skip]]]:
+        """(epoch, j, raw samples, skips) for the micro-batches this worker makes (no decoding)."""
+        g = self.start + wid  # this worker's next micro-batch
+        while self.stop is None or g < self.stop:
+            k = g // self.per_epoch
+            end = (k + 1) * self.per_epoch if self.stop is None else min((k + 1) * self.per_epoch, self.stop)
+            mine = range(g - k * self.per_epoch, end - k * self.per_epoch, nw)
+            yield from self._epoch_plan(self.epoch + k, mine)
+            g += len(mine) * nw
+
+    def _epoch_plan(self, epoch: int, mine: range) -> Iterator[tuple[int, int, list[RawSample], list[Skip]]]:
+        """(epoch, j, raw samples, skips) for the micro-batches j in `mine` (not empty) of one epoch:
+        its raw stream replayed from the start up to the last of them."""
+        stream = self._raw(epoch)
         bad_run, n_samples = 0, self.index.num_samples
-        first = self.start + wid
-        last = first + (self.total - 1 - first) // nw * nw if first < self.total else -1
-        for j in range(last + 1):
-            mine = j >= self.start and (j - self.start) % nw == wid
+        for j in range(mine[-1] + 1):
             samples, skips = [], []
             while len(samples) < self.batch:
                 raw = next(stream)
@@ -135,17 +150,17 @@ class _TrainStream(IterableDataset):
                     if bad_run > n_samples:
                         raise DataError(f"split '{self.index.split}': no usable sample in {n_samples} "
                                         f"consecutive samples (last: {raw.error})")
-                    if mine:
+                    if j in mine:
                         skips.append(skip)
                     continue
                 bad_run = 0
                 samples.append(raw)
-            if not mine:
-                continue
-            yield j, samples, skips
+            if j in mine:
+                yield epoch, j, samples, skips
 
-    def decode(self, j: int, samples: list[RawSample], skips: list[Skip]) -> dict:
-        """Micro-batch j from its raw samples (a corrupt one is refilled from the batch in skip mode)."""
+    def decode(self, epoch: int, j: int, samples: list[RawSample], skips: list[Skip]) -> dict:
+        """Micro-batch j of `epoch` from its raw samples (a corrupt one is refilled from the batch in skip
+        mode)."""
         cpu_start = time.thread_time()  # this worker's CPU time for the batch: decode + augmentation
         crop = self.d.crop_size
         b = len(samples)
@@ -155,7 +170,7 @@ class _TrainStream(IterableDataset):
         ok = [False] * b
         for i, raw in enumerate(samples):
             where = f"shard {raw.shard}, sample {raw.key!r}"
-            rng = sample_rng(self.seed, self.epoch, raw.key)
+            rng = sample_rng(self.seed, epoch, raw.key)
             try:
                 if target is None:
                     train_augment(raw.jpg, rng, tuple(self.d.long_side), crop, self.d.flip, image[i], where,
@@ -177,9 +192,9 @@ class _TrainStream(IterableDataset):
             # refill a corrupt slot with a good sample of the same batch, chosen deterministically
             good = [i for i in range(b) if ok[i]]
             if not good:
-                raise DataError(f"micro-batch {j} of epoch {self.epoch} (rank {self.rank}): every sample is "
+                raise DataError(f"micro-batch {j} of epoch {epoch} (rank {self.rank}): every sample is "
                                 f"corrupt ({', '.join(keys)})")
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, j, 0xBAD])
+            rng = np.random.default_rng([self.seed, epoch, self.rank, j, 0xBAD])
             for i in range(b):
                 if not ok[i]:
                     g = good[int(rng.integers(len(good)))]
@@ -211,7 +226,7 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
 def _threaded(tasks: Iterator[Any], fn, num_threads: int) -> Iterator[Any]:
     """fn(*task) for each task on a thread pool, results in task order, at most 2 x threads in flight.
     JPEG decoding (Pillow) and torch's resize release the GIL, so threads use several cores without
-    the shared-memory transfer and per-epoch start-up of worker processes."""
+    the shared-memory transfer and start-up of worker processes."""
     pending: deque = deque()
     with ThreadPoolExecutor(num_threads, thread_name_prefix="vwe-data") as pool:
         try:
@@ -257,49 +272,58 @@ def _run(dataset: IterableDataset, num_workers: int, kind: str = "process") -> I
             shutdown()
 
 
-def train_batches(cfg, rank: int, world: int, epoch: int, start_batch: int = 0,
-                  skips: SkipPolicy | None = None, seg_scales: tuple[float, ...] | None = None,
+def train_batches(data: DataConfig, train: TrainConfig, rank: int, world: int, epoch: int, start_batch: int = 0,
+                  *, epochs: int | None = 1, skips: SkipPolicy | None = None,
+                  seg_scales: tuple[float, ...] | None = None,
                   irn: tuple[float, float] | None = None) -> Iterator[dict]:
-    """This rank's micro-batches of one epoch, from micro-batch `start_batch` on (see module doc).
+    """This rank's micro-batches from micro-batch `start_batch` of `epoch` on, through `epochs` epochs
+    (None: without end), all from one set of loader workers (see module doc).
 
-    Yields exactly steps_per_epoch(cfg) * train.grad_accum - start_batch dicts: `image` uint8
-    (B,3,S,S), `labels` float32 (B,20), with `seg_scales` (a segmentation split, seg_augment) also
+    An epoch is steps_per_epoch(data, train) * train.grad_accum micro-batches; the first one yields
+    those from `start_batch` on (none when start_batch is that number: the stream starts at the next
+    epoch), each later one all of them, exactly as a stream of that epoch alone would. Dicts: `image`
+    uint8 (B,3,S,S), `labels` float32 (B,20), with `seg_scales` (a segmentation split, seg_augment) also
     `target` uint8 (B,S,S), with `irn` (a relation-label split, irn_augment with that scale range) `target`
-    uint8 (B,S/4,S/4), `key` list[str], `skips` the corrupt samples skipped while
-    making this batch (only with data.on_corrupt = skip; recorded into `skips` when given) and
-    `skipped` their number.
+    uint8 (B,S/4,S/4), `key` list[str], `skips` the corrupt samples skipped while making this batch
+    (only with data.on_corrupt = skip; recorded into `skips` when given) and `skipped` their number.
     """
     if not 0 <= rank < world:
         raise VweError(f"rank {rank} outside world size {world}")
-    idx = _index(cfg, cfg.data.train_split)
-    total = steps_per_epoch(cfg) * cfg.train.grad_accum
-    if not 0 <= start_batch <= total:
-        raise VweError(f"start_batch {start_batch} outside 0..{total}")
-    b = micro_batch_size(cfg, world)
-    ds = _TrainStream(cfg, idx, rank, world, epoch, start_batch, total, b, seg_scales, irn)
-    workers = min(cfg.data.num_workers, total - start_batch)
-    if workers and cfg.data.worker_kind == "process":
-        # worker processes are forked afresh each epoch: let them inherit the member offsets of this
-        # rank's shards (read once per process) instead of each parsing every tar header again
-        n = len(idx.shards)
-        first_cycle = itertools.islice(_shard_order(n, cfg.train.seed, epoch, rank, world), -(-n // world))
+    if epochs is not None and epochs < 1:
+        raise VweError(f"epochs {epochs}: at least 1, or None for a stream without end")
+    idx = _index(data, data.train_split)
+    per_epoch = steps_per_epoch(data, train) * train.grad_accum
+    if not 0 <= start_batch <= per_epoch:
+        raise VweError(f"start_batch {start_batch} outside 0..{per_epoch}")
+    stop = None if epochs is None else epochs * per_epoch
+    ds = _TrainStream(data, train.seed, idx, rank, world, epoch, start_batch, stop, per_epoch,
+                      micro_batch_size(train, world), seg_scales, irn)
+    workers = data.num_workers if stop is None else min(data.num_workers, stop - start_batch)
+    if workers and data.worker_kind == "process":
+        # let the worker processes inherit the member offsets of this rank's first shards (read once
+        # here) instead of each parsing every tar header again
+        n, first = len(idx.shards), epoch + start_batch // per_epoch
+        first_cycle = itertools.islice(_shard_order(n, train.seed, first, rank, world), -(-n // world))
         remember_members(idx, [idx.shards[i] for i in first_cycle])
-    policy = skips if skips is not None else SkipPolicy.from_config(cfg)
-    for batch in _run(ds, workers, cfg.data.worker_kind):
+    policy = skips if skips is not None else SkipPolicy.from_config(data)
+    for batch in _run(ds, workers, data.worker_kind):
         for skip in batch["skips"]:
             policy.record(skip)
         yield batch
 
 
 class _InferStream(IterableDataset):
-    def __init__(self, cfg, index: SplitIndex, lo: int, hi: int, with_scales: bool, with_image: bool = True):
+    """The samples [lo, hi) of a split in index order, cut into one contiguous range per worker."""
+
+    def __init__(self, data: DataConfig, infer: InferConfig, index: SplitIndex, lo: int, hi: int,
+                 with_scales: bool, with_image: bool = True):
         self.index, self.lo, self.hi = index, lo, hi
         self.with_image = with_image or with_scales
-        self.scales = list(cfg.infer.scales) if with_scales else None
-        self.flip = cfg.infer.flip
-        self.resize = cfg.data.resize
-        self.verify = cfg.data.verify_shards
-        self.skips = SkipPolicy.from_config(cfg, what="image")
+        self.scales = list(infer.scales) if with_scales else None
+        self.flip = infer.flip
+        self.resize = data.resize
+        self.verify = data.verify_shards
+        self.skips = SkipPolicy.from_config(data, what="image")
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -357,8 +381,9 @@ def infer_ranges(n: int, world: int) -> list[tuple[int, int]]:
     return [(r * n // world, (r + 1) * n // world) for r in range(world)]
 
 
-def infer_samples(cfg, rank: int, world: int, split: str | None = None, with_scales: bool = True,
-                  with_image: bool = True, skips: SkipPolicy | None = None) -> Iterator[dict]:
+def infer_samples(data: DataConfig, infer: InferConfig, rank: int, world: int, split: str | None = None,
+                  with_scales: bool = True, with_image: bool = True,
+                  skips: SkipPolicy | None = None) -> Iterator[dict]:
     """Every sample of `split` (default data.infer_split) exactly once over all ranks.
 
     Dicts: `key` str, `size` (H, W), `image` uint8 (3,H,W) (unless with_image is false: evaluation needs
@@ -370,11 +395,11 @@ def infer_samples(cfg, rank: int, world: int, split: str | None = None, with_sca
     """
     if not 0 <= rank < world:
         raise VweError(f"rank {rank} outside world size {world}")
-    idx = _index(cfg, split or cfg.data.infer_split)
+    idx = _index(data, split or data.infer_split)
     lo, hi = infer_ranges(idx.num_samples, world)[rank]
-    ds = _InferStream(cfg, idx, lo, hi, with_scales, with_image)
-    workers = min(cfg.infer.num_workers, max(hi - lo, 1)) if hi > lo else 0
-    if workers and cfg.data.worker_kind == "thread":
+    ds = _InferStream(data, infer, idx, lo, hi, with_scales, with_image)
+    workers = min(infer.num_workers, max(hi - lo, 1)) if hi > lo else 0
+    if workers and data.worker_kind == "thread":
         items = _count_skips(_threaded(ds.plan(0, 1), ds.decode, workers))
     else:
         items = _run(ds, workers)

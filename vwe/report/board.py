@@ -48,7 +48,7 @@ def _pictures(cfg: Config, cam_dir: Path) -> list[tuple[str, np.ndarray]]:
     from vwe.data.loader import infer_samples
     from vwe.report.visualize import picture_row
     rows = []
-    samples = infer_samples(cfg, 0, 1, with_scales=False)
+    samples = infer_samples(cfg.data, cfg.infer, 0, 1, with_scales=False)
     try:
         for sample in samples:
             path = cam_dir / f"{sample['key']}.npz"

@@ -129,7 +129,7 @@ def visualize(cfg: Config, ids: list[str], out: Path) -> Path:
     idx = load_index(cfg.data.root, cfg.data.infer_split)
     shard_of = {k: s.name for s in idx.shards for k in s.keys}
     rows: dict[str, tuple] = {}
-    for sample in infer_samples(cfg, 0, 1, with_scales=False):
+    for sample in infer_samples(cfg.data, cfg.infer, 0, 1, with_scales=False):
         key = sample["key"]
         if key not in wanted:
             continue

@@ -149,7 +149,7 @@ class CamWork(ImageWork):
         self.autocast = functools.partial(device_autocast, precision, device)
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
-        return infer_samples(self.cfg, rank, world, skips=skips)
+        return infer_samples(self.cfg.data, self.cfg.infer, rank, world, skips=skips)
 
     def batch_key(self, sample: dict) -> tuple[int, int]:
         return tuple(sample["image"].shape[-2:])

@@ -94,7 +94,8 @@ class IrLabelWork(CamLabelWork):
         self.checked = np.zeros(2, np.int64)    # confident pixels with a known mask value: right, all
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
-        return infer_samples(self.cfg, rank, world, split=self.split, with_scales=False, with_image=True, skips=skips)
+        return infer_samples(self.cfg.data, self.cfg.infer, rank, world, split=self.split, with_scales=False,
+                             with_image=True, skips=skips)
 
 
     def compute(self, samples: list[dict]) -> list[Output]:
@@ -231,7 +232,7 @@ class IrnRecipe(Recipe):
 
     def batches(self, cfg: Config, rank: int, world: int, epoch: int, start_batch: int,
                 skips: SkipPolicy) -> Iterator[dict]:
-        return train_batches(cfg, rank, world, epoch, start_batch=start_batch, skips=skips,
+        return train_batches(cfg.data, cfg.train, rank, world, epoch, start_batch, epochs=None, skips=skips,
                              irn=(self.ic.scale_range[0], self.ic.scale_range[1]))
 
 

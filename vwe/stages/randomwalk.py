@@ -93,7 +93,8 @@ class RandomWalkWork(CamLabelWork):
         self.no_mask = 0
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
-        return infer_samples(self.cfg, rank, world, split=self.split, with_scales=False, with_image=True, skips=skips)
+        return infer_samples(self.cfg.data, self.cfg.infer, rank, world, split=self.split, with_scales=False,
+                             with_image=True, skips=skips)
 
 
     @torch.no_grad()

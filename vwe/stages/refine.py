@@ -105,8 +105,8 @@ class LabelWork(CamLabelWork):
         self.no_mask = 0
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
-        return infer_samples(self.cfg, rank, world, with_scales=False, with_image=self.rc.method == "crf",
-                             skips=skips)
+        return infer_samples(self.cfg.data, self.cfg.infer, rank, world, with_scales=False,
+                             with_image=self.rc.method == "crf", skips=skips)
 
     def current(self, sample: dict, path: Path) -> tuple[bool, np.ndarray | None]:
         color = self.out_dir / "color" / f"{sample['key']}.png"

@@ -80,7 +80,7 @@ class SegRecipe(Recipe):
 
     def batches(self, cfg: Config, rank: int, world: int, epoch: int, start_batch: int,
                 skips: SkipPolicy) -> Iterator[dict]:
-        return train_batches(cfg, rank, world, epoch, start_batch=start_batch, skips=skips,
+        return train_batches(cfg.data, cfg.train, rank, world, epoch, start_batch, epochs=None, skips=skips,
                              seg_scales=tuple(self.sc.scales))
 
 

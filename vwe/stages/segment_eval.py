@@ -104,7 +104,7 @@ class SegPredictWork(ImageWork):
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
         cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, infer_split=self.split))
-        return infer_samples(cfg, rank, world, with_scales=False, with_image=True, skips=skips)
+        return infer_samples(cfg.data, cfg.infer, rank, world, with_scales=False, with_image=True, skips=skips)
 
     def batch_key(self, sample: dict) -> tuple[int, int]:
         return tuple(sample["size"])

@@ -39,8 +39,9 @@ class Recipe:
 
     def batches(self, cfg: Config, rank: int, world: int, epoch: int, start_batch: int,
                 skips: SkipPolicy) -> Iterator[dict]:
-        """This rank's micro-batches of one epoch from `start_batch` (uint8 `image`, `key`, targets)."""
-        return train_batches(cfg, rank, world, epoch, start_batch=start_batch, skips=skips)
+        """This rank's micro-batches from micro-batch `start_batch` of `epoch` on, through every later epoch
+        without end, from one set of loader workers (uint8 `image`, `key`, targets)."""
+        return train_batches(cfg.data, cfg.train, rank, world, epoch, start_batch, epochs=None, skips=skips)
 
 
 class CamRecipe(Recipe):

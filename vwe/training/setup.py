@@ -169,7 +169,7 @@ def build_parts(cfg: Config, accelerator: Accelerator, recipe: Recipe | None = N
     recipe = recipe or CamRecipe()
     recipe.check(cfg)
     world = accelerator.num_processes
-    micro_batch = micro_batch_size(cfg, world)
+    micro_batch = micro_batch_size(cfg.train, world)
     model_cfg = built_model_config(cfg, accelerator)
     model = recipe.build(cfg, model_cfg)
     if cfg.train.compile:
@@ -182,7 +182,7 @@ def build_parts(cfg: Config, accelerator: Accelerator, recipe: Recipe | None = N
     net = accelerator.unwrap_model(model)
     if hasattr(net, "_orig_mod"):  # torch.compile
         net = net._orig_mod
-    steps_epoch = steps_epoch or steps_per_epoch(cfg)
+    steps_epoch = steps_epoch or steps_per_epoch(cfg.data, cfg.train)
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_epoch
     # Not prepared by Accelerate (which would step it once per process): stepped once per optimizer
     # step, it gives lr = base * poly(step) before the update of step+1, the numbers of the derived rule.

@@ -4,12 +4,15 @@ Setup builds the parts (vwe/training/setup.py); `micro_step` runs one micro-step
 the CheckpointManager decides when to save and what may be saved or resumed (vwe/training/checkpointer.py); the
 TrainLogger reports (vwe/training/logger.py). Once per optimizer step all ranks agree, in one small
 all-reduce, on divergence, preemption and skipped samples. SIGTERM/SIGUSR1 -> checkpoint -> exit 75.
+The batches of every epoch come from one loader stream (its workers and prefetch carry on from one epoch
+into the next); an epoch ends after its count of micro-batches.
 """
 from __future__ import annotations
 
 import hashlib
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -60,7 +63,7 @@ class Trainer:
                 self.logger.print(line)
         if resumed:
             self.logger.print(f"resumed from {resumed.path} at step {self.state.step} (epoch {self.state.epoch})")
-        self.skips = SkipPolicy.from_config(cfg)  # corrupt samples this rank skipped (data.on_corrupt)
+        self.skips = SkipPolicy.from_config(cfg.data)  # corrupt samples this rank skipped (data.on_corrupt)
         self._epoch_skips = 0  # all ranks' skipped samples this epoch
         self._data_cpu_s = 0.0  # this rank's loader CPU time (decode + augmentation) this launch
         self.preempt = PreemptionFlag().install()
@@ -71,8 +74,12 @@ class Trainer:
         s, parts = self.state, self.parts
         if self._preempted_before_training():
             return PREEMPT_EXIT_CODE
-        while s.step < parts.max_steps:
-            for batch in self._batches():
+        micro_per_epoch = parts.steps_per_epoch * self.cfg.train.grad_accum
+        with closing(self._batches()) as batches:  # closed: the loader workers stop with the loop
+            while s.step < parts.max_steps:
+                if s.micro == micro_per_epoch:
+                    self._end_epoch()
+                batch = next(batches)
                 losses = micro_step(parts, batch)
                 s.micro += 1
                 s.samples += len(batch["key"]) * parts.accelerator.num_processes
@@ -92,10 +99,6 @@ class Trainer:
                                       f"step {s.step}; exiting with code {PREEMPT_EXIT_CODE}")
                     return PREEMPT_EXIT_CODE
                 self.checkpoints.maybe_save(s)
-                if s.step >= parts.max_steps:
-                    break
-            else:
-                self._end_epoch()
         self._summary(self.checkpoints.finish(s))
         return 0
 
@@ -114,16 +117,16 @@ class Trainer:
         return True
 
     def _batches(self) -> Iterator[dict]:
-        """This rank's micro-batches of the current epoch from the saved position, timing the data wait."""
-        it = iter(self.recipe.batches(self.cfg, self.accelerator.process_index, self.accelerator.num_processes,
-                                      self.state.epoch, self.state.micro, self.skips))
-        while True:
-            t0 = time.perf_counter()
-            batch = next(it, None)
-            if batch is None:
-                return
-            self.logger.waited(time.perf_counter() - t0)
-            yield batch
+        """This rank's micro-batches from the saved position on, through every later epoch (a stream without
+        end), timing the data wait."""
+        stream = self.recipe.batches(self.cfg, self.accelerator.process_index, self.accelerator.num_processes,
+                                     self.state.epoch, self.state.micro, self.skips)
+        with closing(stream):
+            while True:
+                t0 = time.perf_counter()
+                batch = next(stream)
+                self.logger.waited(time.perf_counter() - t0)
+                yield batch
 
     def _agree(self) -> tuple[bool, bool]:
         """One all-reduce per step: non-finite loss anywhere, a preemption signal anywhere, skips summed."""
@@ -135,6 +138,7 @@ class Trainer:
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def _end_epoch(self) -> None:
+        """The epoch's skip line (when any were skipped) and the counters moved to the next epoch."""
         if self._epoch_skips:
             self.logger.print(f"epoch {self.state.epoch}: {self._epoch_skips} corrupt sample(s) skipped "
                               f"(data.on_corrupt=skip; {self.state.skipped} in this run so far)")
