@@ -58,18 +58,30 @@ echo "infer $infer_id"
 # The later stages, one job each on the same nodes (slurm/stage.sbatch). Which pseudo labels DeepLab
 # trains on is the config's seg.labels (crf: refine's; irn: the random walk's).
 [ "$until" != evaluate ] || exit 0
-labels="$("${VWE_PYTHON:-python3}" -c 'import sys; from vwe.formats.config import load_config
-print(load_config(sys.argv[1], sys.argv[2:]).seg.labels)' "$VWE_CONFIG" "$@")"
+# The IRNet stage reads the CAMs of irn.label_split: unless they are the ones just made (data.infer_split)
+# or irn.cam_dir names them, an infer job for that split comes first (as `vwe pipeline` does).
+settings="$("${VWE_PYTHON:-python3}" -c 'import sys; from vwe.formats.config import load_config
+c = load_config(sys.argv[1], sys.argv[2:])
+extra = c.irn.label_split if c.irn.label_split != c.data.infer_split and not c.irn.cam_dir else "-"
+print(c.seg.labels, extra)' "$VWE_CONFIG" "$@")"
+read -r labels irn_split <<< "$settings"
 stages=(refine)
 if [ "$until" = irn ] || { [ "$until" = segment ] && [ "$labels" = irn ]; }; then
     stages=(irn-labels irn-train random-walk)
+    [ "$irn_split" = - ] || stages=(infer irn-labels irn-train random-walk)
 fi
 [ "$until" != segment ] || stages+=(segment segment-eval)
 previous="$infer_id"
 for stage in "${stages[@]}"; do
-    id="$(sbatch "${common[@]}" -N "$nodes" --dependency="afterok:$previous" --job-name="vwe-$stage" \
-        "${stage_args[@]}" "$here/stage.sbatch" "$stage" "$@")"
+    extra=()
+    name="$stage"
+    if [ "$stage" = infer ]; then
+        extra=("data.infer_split=$irn_split")
+        name="infer-$irn_split"
+    fi
+    id="$(sbatch "${common[@]}" -N "$nodes" --dependency="afterok:$previous" --job-name="vwe-$name" \
+        "${stage_args[@]}" "$here/stage.sbatch" "$stage" "$@" "${extra[@]}")"
     id="${id%%;*}"
-    echo "$stage $id"
+    echo "$name $id"
     previous="$id"
 done

@@ -175,3 +175,33 @@ def test_submit_chain_until_segment(slurm_cluster, repo, tmp_path, synthetic_sha
     assert json.loads((run / "seg" / "summary.json").read_text())["steps"] == 2
     report = json.loads((run / "seg" / "eval" / "val" / "report.json").read_text())
     assert report["scored"] == 12 and report["miou"] is not None
+
+
+def test_submit_chain_until_irn_infers_the_label_split_first(slurm_cluster, repo, tmp_path, synthetic_shards):
+    """VWE_UNTIL=irn with irn.label_split other than data.infer_split: train -> infer + evaluate (val) ->
+    CAMs of the label split -> relation labels -> relation network -> random walk, one job each, afterok."""
+    run = tmp_path / "run"
+    env = {**job_env(repo, tmp_path, synthetic_shards, 1), "VWE_UNTIL": "irn",
+           "VWE_SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out"}
+    irn = ["data.infer_split=val", "irn.label_split=train", "irn.backbone=resnet18", "irn.pretrained=none",
+           "irn.crop_size=64", "irn.radius=5", "irn.batch_size=4", "irn.max_steps=2", "irn.mixed_precision=no",
+           "irn.checkpoint_every=0"]
+    out = slurm_cluster.run(str(repo / "slurm" / "submit.sh"), *SMALL, "train.max_steps=2", *irn,
+                            env=env, cwd=tmp_path).stdout
+    ids = {stage: int(i) for stage, i in (line.split() for line in out.strip().splitlines())}
+    try:
+        assert list(ids) == ["train", "infer", "infer-train", "irn-labels", "irn-train", "random-walk"], out
+        stages = list(ids)
+        for before, after in zip(stages, stages[1:]):
+            assert slurm_cluster.job(ids[after])["Dependency"].startswith(f"afterok:{ids[before]}")
+        infos = {stage: slurm_cluster.wait_done(i, timeout=330) for stage, i in ids.items()}
+    finally:
+        for i in ids.values():
+            slurm_cluster.cancel(i)
+    for stage, info in infos.items():
+        log = job_log(tmp_path, f"vwe-{stage}", ids[stage])
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{stage}: {info}\n{log}"
+    train_ids = json.loads((synthetic_shards / "train.json").read_text())["num_samples"]
+    assert len(list((run / "irn" / "ir_labels").glob("*.png"))) == train_ids
+    report = json.loads((run / "irn" / "pseudo_labels" / "report.json").read_text())
+    assert report["split"] == "train" and report["num_images"] == train_ids and report["miou"] is not None
