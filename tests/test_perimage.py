@@ -144,3 +144,36 @@ def test_vwe_infer_on_an_empty_split_exits_2(synthetic_shards, tmp_path):
     proc = run_vwe("infer", "--config", str(REPO / "configs" / "demo.yaml"), *overrides, check=False)
     assert proc.returncode == 2 and "split 'val' has no images" in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "cams").exists() or not list((tmp_path / "run" / "cams").iterdir())
+
+
+def test_write_queue_reports_in_order_bounds_what_waits_and_raises_a_failed_write(tmp_path):
+    from vwe.runtime.errors import WriteError
+    from vwe.runtime.files import WriteQueue
+    done: list[int] = []
+    writes = WriteQueue(threads=2, depth=3)
+    try:
+        for i in range(20):
+            writes.submit([(tmp_path / f"{i}.bin", bytes([i]) * 100_000)], "test file", lambda i=i: done.append(i))
+            assert len(writes._pending) <= 3
+            assert done == list(range(len(done)))  # callbacks in submission order, each after its write
+            assert all((tmp_path / f"{j}.bin").stat().st_size == 100_000 for j in done)
+        writes.drain()
+        assert done == list(range(20))
+        (tmp_path / "taken").mkdir()
+        (tmp_path / "taken" / "x.bin").mkdir()  # a folder where the file goes: the write fails
+        writes.submit([(tmp_path / "taken" / "x.bin", b"x")], "test file", lambda: done.append(-1))
+        with pytest.raises(WriteError, match="x.bin"):
+            writes.drain()
+        assert done[-1] == 19
+    finally:
+        writes.close()
+
+
+def test_a_write_that_fails_fails_the_pass_naming_the_file(synthetic_shards, tmp_path):
+    from vwe.runtime.errors import WriteError
+    out = tmp_path / "out"
+    key = _keys(synthetic_shards)[7]
+    (out / "extra" / f"{key}.txt").mkdir(parents=True)  # a folder where one of its files goes
+    with pytest.raises(WriteError, match=key):
+        run_per_image(SizeWork(synthetic_shards, out), tmp_path / "run", "error")
+    assert not list(out.glob("manifest-rank*.json"))

@@ -1,7 +1,7 @@
 """Committing files to disk: atomic, durable writes and checksums.
 
 Every output (shards, indexes, CAMs, labels, predictions, configs, weights, reports, benchmark results)
-is written here, to a temporary
+is written here (the per-image passes through WriteQueue, on background threads), to a temporary
 name in its destination folder, flushed and fsync'ed, renamed over the final name, and the folder is
 fsync'ed: a process kill or a node crash leaves either the old file or the new one, never a partial
 file under the final name. The temporary is removed on any error. Temporary names start with a dot and
@@ -17,7 +17,9 @@ import errno
 import hashlib
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -169,3 +171,40 @@ def commit_dir(tmp: Path, final: Path, what: str = "output") -> Path:
         os.replace(tmp, final)
         fsync_dir(final.parent)
     return final
+
+
+class WriteQueue:
+    """atomic_write on background threads, so that a pass computes its next batch while the last one is
+    written (a VOC-sized CAM file takes ~8 ms to write and fsync: most of a GPU's time per image).
+
+    At most `depth` writes wait; `submit` blocks beyond that. Each write's `then` callback runs on the
+    calling thread, in submission order, once the write is on disk, so what the caller counts as written
+    is on disk. A failed write raises its WriteError from the next `submit` or `drain`. `close` waits for
+    the writes in flight (each is atomic either way) and stops the threads."""
+
+    def __init__(self, threads: int = 2, depth: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vwe-write")
+        self._pending: deque = deque()
+        self.depth = depth
+
+    def submit(self, files: list[tuple[Path, bytes | str | Callable[[BinaryIO], None]]], what: str,
+               then: Callable[[], None]) -> None:
+        """Write `files` ((path, data) pairs, each atomically, in order), then call `then`."""
+        future = self._pool.submit(lambda: [atomic_write(path, data, what) for path, data in files])
+        self._pending.append((future, then))
+        while len(self._pending) > self.depth or (self._pending and self._pending[0][0].done()):
+            self._finish()
+
+    def drain(self) -> None:
+        """Wait for every write submitted so far (and run their callbacks)."""
+        while self._pending:
+            self._finish()
+
+    def _finish(self) -> None:
+        future, then = self._pending.popleft()
+        future.result()
+        then()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._pending.clear()

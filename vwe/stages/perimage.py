@@ -8,6 +8,7 @@ What the pass guarantees, once for all of them:
 - a bad input (a missing CAM, a corrupt sample under data.on_corrupt=error) is named, and every rank's
   bad inputs are listed together before anything is reported; skips (data.on_corrupt=skip) are counted
   and listed in the manifests and the report;
+- writing overlaps computing (vwe.runtime.files.WriteQueue): what is counted as written is on disk;
 - the run directory's lock is held; SIGTERM/SIGUSR1 stop after the batch in progress (exit 75: what was
   written stays and is skipped on rerun);
 - one `manifest-rankNNN.json` per rank (what it wrote, from which source, how long it took);
@@ -15,6 +16,7 @@ What the pass guarantees, once for all of them:
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -28,7 +30,7 @@ from vwe.data.loader import infer_ranges
 from vwe.data.index import index_path, load_index
 from vwe.runtime.dist import collective_call, distributed_state, gather_objects
 from vwe.runtime.errors import DataError, problem_list
-from vwe.runtime.files import atomic_write
+from vwe.runtime.files import WriteQueue, atomic_write
 from vwe.runtime.lock import RunLock
 from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
 from vwe.runtime.progress import Progress
@@ -185,48 +187,56 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
     progress = Progress(f"{work.name} rank {rank}", total=len(expected), enabled=state.is_main_process)
     start = time.perf_counter()
 
+    writes = WriteQueue(depth=max(8, 2 * work.batch_size))
+
+    def wrote(sample: dict, out: Output) -> None:
+        work.account(sample, out.result)
+        written.append(out.key)
+        counts["written"] += 1
+
     def run(group: list[dict]) -> None:
         outputs = work.compute(group)
         by_key = {s["key"]: s for s in group}
         for out in outputs:
-            atomic_write(out_dir / f"{out.key}{work.suffix}", out.data, work.what)
-            for rel, data in out.extra.items():
-                atomic_write(out_dir / rel, data, work.what)
-            work.account(by_key[out.key], out.result)
-            written.append(out.key)
-            counts["written"] += 1
+            files = [(out_dir / f"{out.key}{work.suffix}", out.data),
+                     *((out_dir / rel, data) for rel, data in out.extra.items())]
+            writes.submit(files, work.what, functools.partial(wrote, by_key[out.key], out))
 
-    for sample in unseen_after(work.samples(rank, world, skips), expected, skips):
-        if preempt.requested:
-            break
-        try:
-            sample = work.prepare(sample)
-        except DataError as e:
-            problems.append(str(e))
-        if problems:  # the pass fails: only check the rest, so the error lists every bad input
-            progress.update(1)
-            continue
-        path = out_dir / f"{sample['key']}{work.suffix}"
-        if path.exists():
+    try:
+        for sample in unseen_after(work.samples(rank, world, skips), expected, skips):
+            if preempt.requested:
+                break
             try:
-                done, result = work.current(sample, path)
-            except DataError:
-                done, result = False, None  # unreadable leftovers are redone
-            if done:
-                counts["already_done"] += 1
-                work.account(sample, result)
+                sample = work.prepare(sample)
+            except DataError as e:
+                problems.append(str(e))
+            if problems:  # the pass fails: only check the rest, so the error lists every bad input
                 progress.update(1)
                 continue
-            counts["stale_replaced"] += 1
-        for group in batcher.add(work.batch_key(sample), sample):
-            if preempt.requested:  # stop after the batch that was running when the signal came
+            path = out_dir / f"{sample['key']}{work.suffix}"
+            if path.exists():
+                try:
+                    done, result = work.current(sample, path)
+                except DataError:
+                    done, result = False, None  # unreadable leftovers are redone
+                if done:
+                    counts["already_done"] += 1
+                    work.account(sample, result)
+                    progress.update(1)
+                    continue
+                counts["stale_replaced"] += 1
+            for group in batcher.add(work.batch_key(sample), sample):
+                if preempt.requested:  # stop after the batch that was running when the signal came
+                    break
+                run(group)
+            progress.update(1)
+        for group in batcher.drain():
+            if preempt.requested or problems:
                 break
             run(group)
-        progress.update(1)
-    for group in batcher.drain():
-        if preempt.requested or problems:
-            break
-        run(group)
+        writes.drain()  # what was computed is on disk before anything is reported
+    finally:
+        writes.close()
     progress.close()
     if preempt.requested:
         # no collective here: the other ranks stop on their own signal; a rerun skips what is done
