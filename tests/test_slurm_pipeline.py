@@ -32,6 +32,23 @@ def job_log(tmp_path: Path, name: str, job: int) -> str:
     return path.read_text(errors="replace") if path.exists() else f"(no {path})"
 
 
+def run_chain(slurm_cluster, repo: Path, tmp_path: Path, env: dict, stages: list[str], *overrides: str) -> None:
+    """submit.sh with `overrides`: exactly `stages` submitted, each afterok on the one before, all complete."""
+    out = slurm_cluster.run(str(repo / "slurm" / "submit.sh"), *overrides, env=env, cwd=tmp_path).stdout
+    ids = {stage: int(i) for stage, i in (line.split() for line in out.strip().splitlines())}
+    try:
+        assert list(ids) == stages, out
+        for before, after in zip(stages, stages[1:]):
+            assert slurm_cluster.job(ids[after])["Dependency"].startswith(f"afterok:{ids[before]}")
+        infos = {stage: slurm_cluster.wait_done(i, timeout=330) for stage, i in ids.items()}
+    finally:
+        for i in ids.values():
+            slurm_cluster.cancel(i)
+    for stage, info in infos.items():
+        log = job_log(tmp_path, f"vwe-{stage}", ids[stage])
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{stage}: {info}\n{log}"
+
+
 def test_submit_chain_prepare_train_infer_evaluate(slurm_cluster, repo, tmp_path):
     """submit.sh on synthetic VOC data: prepare (1 process) -> train on 2 nodes x 2 processes (world 4,
     c10d rendezvous between the nodes) -> infer + evaluate on the same 4 ranks, each afterok."""
@@ -156,21 +173,8 @@ def test_submit_chain_until_segment(slurm_cluster, repo, tmp_path, synthetic_sha
            "VWE_SBATCH_ARGS": f"--output={tmp_path}/%x-%j.out"}
     seg = ["data.infer_split=train", "refine.method=threshold", "seg.backbone=resnet18", "seg.crop_size=64",
            "seg.batch_size=4", "seg.max_steps=2", "seg.msc_scales=[]", "seg.test_scales=[1.0]", "seg.crf=false"]
-    out = slurm_cluster.run(str(repo / "slurm" / "submit.sh"), *SMALL, "train.max_steps=2", *seg,
-                            env=env, cwd=tmp_path).stdout
-    ids = {stage: int(i) for stage, i in (line.split() for line in out.strip().splitlines())}
-    try:
-        assert list(ids) == ["train", "infer", "refine", "segment", "segment-eval"], out
-        stages = list(ids)
-        for before, after in zip(stages, stages[1:]):
-            assert slurm_cluster.job(ids[after])["Dependency"].startswith(f"afterok:{ids[before]}")
-        infos = {stage: slurm_cluster.wait_done(i, timeout=330) for stage, i in ids.items()}
-    finally:
-        for i in ids.values():
-            slurm_cluster.cancel(i)
-    for stage, info in infos.items():
-        log = job_log(tmp_path, f"vwe-{stage}", ids[stage])
-        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{stage}: {info}\n{log}"
+    run_chain(slurm_cluster, repo, tmp_path, env, ["train", "infer", "refine", "segment", "segment-eval"],
+              *SMALL, "train.max_steps=2", *seg)
     assert (run / "pseudo_labels" / "report.json").is_file()
     assert json.loads((run / "seg" / "summary.json").read_text())["steps"] == 2
     report = json.loads((run / "seg" / "eval" / "val" / "report.json").read_text())
@@ -186,21 +190,9 @@ def test_submit_chain_until_irn_infers_the_label_split_first(slurm_cluster, repo
     irn = ["data.infer_split=val", "irn.label_split=train", "irn.backbone=resnet18", "irn.pretrained=none",
            "irn.crop_size=64", "irn.radius=5", "irn.batch_size=4", "irn.max_steps=2", "irn.mixed_precision=no",
            "irn.checkpoint_every=0"]
-    out = slurm_cluster.run(str(repo / "slurm" / "submit.sh"), *SMALL, "train.max_steps=2", *irn,
-                            env=env, cwd=tmp_path).stdout
-    ids = {stage: int(i) for stage, i in (line.split() for line in out.strip().splitlines())}
-    try:
-        assert list(ids) == ["train", "infer", "infer-train", "irn-labels", "irn-train", "random-walk"], out
-        stages = list(ids)
-        for before, after in zip(stages, stages[1:]):
-            assert slurm_cluster.job(ids[after])["Dependency"].startswith(f"afterok:{ids[before]}")
-        infos = {stage: slurm_cluster.wait_done(i, timeout=330) for stage, i in ids.items()}
-    finally:
-        for i in ids.values():
-            slurm_cluster.cancel(i)
-    for stage, info in infos.items():
-        log = job_log(tmp_path, f"vwe-{stage}", ids[stage])
-        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{stage}: {info}\n{log}"
+    run_chain(slurm_cluster, repo, tmp_path, env,
+              ["train", "infer", "infer-train", "irn-labels", "irn-train", "random-walk"],
+              *SMALL, "train.max_steps=2", *irn)
     train_ids = json.loads((synthetic_shards / "train.json").read_text())["num_samples"]
     assert len(list((run / "irn" / "ir_labels").glob("*.png"))) == train_ids
     report = json.loads((run / "irn" / "pseudo_labels" / "report.json").read_text())
