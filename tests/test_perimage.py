@@ -80,6 +80,9 @@ def test_writes_each_image_once_then_skips_what_is_current(synthetic_shards, tmp
     manifest = json.loads((out / "manifest-rank000.json").read_text())
     assert manifest["written"] == 48 and manifest["already_done"] == 0 and manifest["version"] == "v1"
     assert manifest["max_pending_images"] <= 3 and sorted(manifest["ids"]) == sorted(keys)
+    phases = manifest["seconds_by_phase"]
+    assert set(phases) == {"data", "compute", "waiting_for_writes"} and min(phases.values()) >= 0
+    assert phases["data"] > 0 and sum(phases.values()) <= manifest["seconds"] + 0.01, manifest
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted([f"{k}.txt" for k in keys] +
                                                                         ["manifest-rank000.json"])  # no temp files
     # every group had one size and at most batch_size images

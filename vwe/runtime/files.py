@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import shutil
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -186,6 +187,7 @@ class WriteQueue:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vwe-write")
         self._pending: deque = deque()
         self.depth = depth
+        self.waited = 0.0  # seconds the caller spent blocked on writes (a pass bound by its disk shows it)
 
     def submit(self, files: list[tuple[Path, bytes | str | Callable[[BinaryIO], None]]], what: str,
                then: Callable[[], None]) -> None:
@@ -202,7 +204,9 @@ class WriteQueue:
 
     def _finish(self) -> None:
         future, then = self._pending.popleft()
+        t0 = time.perf_counter()
         future.result()
+        self.waited += time.perf_counter() - t0
         then()
 
     def close(self) -> None:

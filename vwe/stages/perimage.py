@@ -11,7 +11,8 @@ What the pass guarantees, once for all of them:
 - writing overlaps computing (vwe.runtime.files.WriteQueue): what is counted as written is on disk;
 - the run directory's lock is held; SIGTERM/SIGUSR1 stop after the batch in progress (exit 75: what was
   written stays and is skipped on rerun);
-- one `manifest-rankNNN.json` per rank (what it wrote, from which source, how long it took);
+- one `manifest-rankNNN.json` per rank (what it wrote, from which source, how long it took: waiting for
+  samples, computing, waiting for writes);
 - a split with no images is an error, never an empty success.
 """
 from __future__ import annotations
@@ -159,6 +160,18 @@ def run_per_image(work: ImageWork, run_dir: str | Path, on_corrupt: str, max_lis
             lock.release()
 
 
+def _timed(samples: Iterator[dict], phases: dict[str, float]) -> Iterator[dict]:
+    """`samples`, adding the time spent waiting for each to phases["data"]."""
+    it = iter(samples)
+    while True:
+        t0 = time.perf_counter()
+        sample = next(it, None)
+        phases["data"] += time.perf_counter() - t0
+        if sample is None:
+            return
+        yield sample
+
+
 def _expected_keys(work: ImageWork, rank: int, world: int) -> tuple[list[str], int]:
     idx = load_index(work.data_root, work.split)
     if idx.num_samples == 0:
@@ -194,8 +207,12 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
         written.append(out.key)
         counts["written"] += 1
 
+    phases = {"data": 0.0, "compute": 0.0}  # this rank's seconds waiting for samples and computing
+
     def run(group: list[dict]) -> None:
+        t0 = time.perf_counter()
         outputs = work.compute(group)
+        phases["compute"] += time.perf_counter() - t0
         by_key = {s["key"]: s for s in group}
         for out in outputs:
             files = [(out_dir / f"{out.key}{work.suffix}", out.data),
@@ -203,7 +220,7 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
             writes.submit(files, work.what, functools.partial(wrote, by_key[out.key], out))
 
     try:
-        for sample in unseen_after(work.samples(rank, world, skips), expected, skips):
+        for sample in _timed(unseen_after(work.samples(rank, world, skips), expected, skips), phases):
             if preempt.requested:
                 break
             try:
@@ -250,8 +267,10 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
         raise DataError(problem_list(work.problems_heading(len(every)), every, max_listed))
     work.check_ranks([p["totals"] for p in ranks])
     seconds = time.perf_counter() - start
+    phases["waiting_for_writes"] = writes.waited
     manifest = {"stage": work.name, "rank": rank, "world": world, "split": work.split, **work.manifest(),
-                "seconds": round(seconds, 3), **counts, "max_pending_images": batcher.max_pending,
+                "seconds": round(seconds, 3), "seconds_by_phase": {k: round(v, 3) for k, v in phases.items()},
+                **counts, "max_pending_images": batcher.max_pending,
                 "skipped": skips.report(), "ids": sorted(written)}
     atomic_write(manifest_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), f"{work.name} manifest")
     if state.is_main_process:
@@ -261,6 +280,8 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
         totals["images"] = total
         print(f"{work.name} on '{work.split}' over {world} process(es): {totals['written']} written, "
               f"{totals['already_done']} already done, {totals['stale_replaced']} replaced -> {out_dir}")
+        print(f"{work.name} rank 0: {seconds:.1f} s, of which waiting for samples {phases['data']:.1f} s, "
+              f"computing {phases['compute']:.1f} s, waiting for writes {phases['waiting_for_writes']:.1f} s")
         if skips.total:
             print(skips.summary(f"over {world} process(es)") + "; ids in the manifests")
         work.report([p["totals"] for p in ranks], {**totals, "skips": skips.report()}, seconds, world)
