@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from vwe.nets.backbone import (FROZEN_NORMS, NORMS, LoadReport, fetch_imagenet_weights, load_backbone_weights,
                                norm_layer, read_state_dict)
@@ -262,49 +261,6 @@ def seg_param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_m
               {"name": "head_weight", "params": head_w, "lr": lr * head_lr_mult, "weight_decay": weight_decay},
               {"name": "head_bias", "params": head_b, "lr": lr * head_bias_lr_mult, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def poly_factor(step: int, max_steps: int, power: float = 0.9, every: int = 10) -> float:
-    """lr / base lr for optimizer step `step` (0-based) under the recipe's PolynomialLR: the poly value
-    (1 - t / max_steps) ** power, with t only refreshed every `every` steps (t = the last multiple of
-    `every` not after `step`) and frozen once it would pass max_steps."""
-    if max_steps <= 0 or every <= 0:
-        raise ValueError(f"max_steps and every must be positive, got {max_steps}, {every}")
-    t = min(step // every * every, max_steps // every * every)
-    return (1.0 - t / max_steps) ** power
-
-
-def poly_lr(step: int, base_lr: float, max_steps: int, power: float = 0.9, every: int = 10) -> float:
-    """The learning rate of optimizer step `step` (0-based): base_lr * poly_factor(...)."""
-    return base_lr * poly_factor(step, max_steps, power, every)
-
-
-class _PolyFactor:
-    """A picklable lr_lambda (LambdaLR saves its attributes in state_dict)."""
-
-    def __init__(self, max_steps: int, power: float, every: int) -> None:
-        self.max_steps, self.power, self.every = max_steps, power, every
-
-    def __call__(self, step: int) -> float:
-        return poly_factor(step, self.max_steps, self.power, self.every)
-
-
-class PolyLR(LambdaLR):
-    """The recipe's schedule as a LambdaLR: call step() once after every optimizer step. Its state_dict
-    holds the step count and the schedule; loading it also sets the groups' lr, so a resumed run has the
-    right lr even before its first step() (and without the optimizer's state)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, power: float = 0.9,
-                 every: int = 10, last_epoch: int = -1) -> None:
-        poly_factor(0, max_steps, power, every)  # validates
-        super().__init__(optimizer, _PolyFactor(max_steps, power, every), last_epoch=last_epoch)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        lrs = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self._last_lr = lrs
 
 
 # --------------------------------------------------------------------------------------- inference
