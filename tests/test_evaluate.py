@@ -139,6 +139,24 @@ def test_same_report_over_processes(synthetic_shards, gt, tmp_path, processes):
     assert multi["confusion"] == single["confusion"] and multi["sweep"]["miou"] == single["sweep"]["miou"]
 
 
+def test_same_report_for_any_thread_count(synthetic_shards, gt, tmp_path):
+    """eval.num_workers changes how many threads read and count, never the counts or the lists."""
+    rng = np.random.default_rng(2)
+    write_cams(tmp_path, gt, lambda m, k: rng.random(m.shape))
+    gone = sorted(gt)[3:5]
+    for key in gone:
+        (tmp_path / "cams" / f"{key}.npz").unlink()
+    reports = []
+    for threads in (1, 3):
+        run_vwe("evaluate", "--config", DEMO, "--sweep",
+                *overrides(synthetic_shards, tmp_path, "eval.allow_missing=true", f"eval.num_workers={threads}"))
+        reports.append(report(tmp_path))
+    one, three = reports
+    assert one["threads_per_process"] == 1 and three["threads_per_process"] == 3
+    assert one["confusion"] == three["confusion"] and one["sweep"] == three["sweep"]
+    assert one["missing"] == three["missing"] == gone and one["num_images"] == three["num_images"] == len(gt) - 2
+
+
 def test_cams_of_other_weights_are_refused_unless_named(synthetic_shards, gt, tmp_path):
     old = write_cams(tmp_path, gt, lambda m, k: np.where(m == k + 1, 0.9, 0.1))
     new = final_weights(tmp_path, value=1.0)  # "more training": the run's final weights changed

@@ -96,3 +96,27 @@ def test_table_in_paper_order():
     assert head.split("|")[1].strip() == "bkg" and head.split("|")[-2].strip() == "mIoU"
     assert head.split("|")[12].strip() == "table" and head.split("|")[21].strip() == "tv"
     assert row.split("|")[4].strip() == "-" and row.split("|")[1].strip() == "50.0"
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_sweep_counts_exactly_with_ties_signed_zeros_and_many_channels(dtype):
+    """The look-up paths (cell table, float-bits buckets, running argmax) count what the direct label
+    maps count, in both stored precisions, for scores on and around the thresholds."""
+    rng = np.random.default_rng(2)
+    n = 21
+    thresholds = sweep_thresholds(-0.2, 0.6, 0.02, extra=(0.0, 0.14))
+    for k in (1, 3, 7):
+        h, w = 23, 29
+        keys = np.sort(rng.choice(20, size=k, replace=False))
+        high_res = (rng.random((k, h, w)) * 1.2 - 0.3).astype(dtype)
+        flat = high_res.reshape(-1)
+        pick = rng.random(flat.shape) < 0.3  # exact ties with thresholds, and both zeros
+        flat[pick] = rng.choice(np.concatenate([thresholds, [0.0, -0.0]]), pick.sum()).astype(dtype)
+        high_res[-1, :5] = high_res[0, :5]  # equal channels: the first one wins, as argmax
+        gt = rng.integers(0, n, size=(h, w)).astype(np.uint8)
+        gt[rng.random((h, w)) < 0.1] = 255
+        confs = confusions_from_histogram(sweep_histogram(high_res, keys, gt, thresholds, n))
+        for j, t in enumerate(thresholds):
+            assert (confs[j] == confusion_matrix(cam_to_label(high_res, keys, float(t)), gt, n)).all()
+            single = sweep_histogram(high_res, keys, gt, thresholds[j:j + 1], n)
+            assert (confusions_from_histogram(single)[0] == confs[j]).all()

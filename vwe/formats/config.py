@@ -122,6 +122,8 @@ class EvalConfig:
     sweep: list[float] = _opt([0.05, 0.60, 0.01], doc="start, stop (inclusive), step for --sweep")
     allow_missing: bool = _opt(False, doc="evaluate even if some ids have no CAM")
     max_listed: int = _opt(20, min=1, doc="ids listed in a completeness error")
+    num_workers: int = _opt(0, min=0, doc="threads per rank reading masks and CAMs and counting; 0: the cores "
+                                          "this process may use, shared among the node's ranks")
     cams: str = _opt("", doc="score the CAMs in this folder as they are, not matched to the weights infer would "
                              "use (recorded in the report); empty: the run's CAMs, which must come from those weights")
 

@@ -6,6 +6,8 @@ confusion matrix for every threshold follows from cumulative sums.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # Paper's column order: bkg, then the 20 VOC classes in index order, then mIoU.
@@ -102,34 +104,90 @@ def sweep_histogram(high_res: np.ndarray, keys: np.ndarray, gt: np.ndarray, thre
     problem = mask_value_problem(gt, n, ignore_index)
     if problem:  # a value n..254 would otherwise land in the ignored row below and vanish
         raise ValueError(f"mask {problem}")
-    g = gt.astype(np.intp)
-    g[gt == ignore_index] = n  # an extra row for ignored pixels, dropped at the end (no masked copies)
-    k = high_res.shape[0]
-    if k == 0:
-        fg, top = 0, None
+    if high_res.shape[0] == 0:
+        idx = gt_rows(gt, n, ignore_index) * (n * (t + 1))  # no foreground: all background, bin 0
     else:
-        # running max over the few kept channels (cheaper than argmax + gather over (k, H, W));
-        # strictly greater keeps the first maximum, as argmax does
-        lut = np.asarray(keys, dtype=np.intp) + 1
-        top = high_res[0].astype(np.float32)
-        best = None
-        for i in range(1, k):
-            channel = high_res[i].astype(np.float32)
-            better = channel > top
-            if best is None:
-                best = better.astype(np.intp)
-            else:
-                np.putmask(best, better, i)
-            np.maximum(top, channel, out=top)
-        fg = lut[0] if best is None else lut[best]
-    if top is None:
-        bins = 0
-    elif t == 1:
-        bins = (top > thresholds[0]).astype(np.intp)
-    else:
-        bins = np.searchsorted(thresholds, top, side="left")
-    idx = (g * n + fg) * (t + 1) + bins
+        top, best = best_foreground(high_res)
+        fg = np.asarray(keys, dtype=np.intp) + 1
+        idx = _cell_index(gt, best, fg, n, t, ignore_index)
+        idx += threshold_bins(top, np.asarray(thresholds, dtype=np.float32))
     return np.bincount(idx.ravel(), minlength=(n + 1) * n * (t + 1)).reshape(n + 1, n, t + 1)[:n]
+
+
+def gt_rows(gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """The mask as intp histogram rows: its class, or num_classes (an extra row, dropped at the end) for
+    ignored pixels. Values must have been checked (mask_value_problem)."""
+    rows = gt.astype(np.intp)
+    rows[gt == ignore_index] = num_classes
+    return rows
+
+
+def _cell_index(gt: np.ndarray, best: np.ndarray, fg: np.ndarray, n: int, t: int, ignore_index: int) -> np.ndarray:
+    """Per pixel the histogram cell (gt row, foreground class) * (t + 1), intp. Where the checked mask
+    values and the channel index each fit a byte (VOC), one look-up in a table over both codes."""
+    k = len(fg)
+    if not (0 <= ignore_index < 256 and n <= 256 and k <= 256):
+        return (gt_rows(gt, n, ignore_index) * n + fg[best]) * (t + 1)
+    shift = max(1, (k - 1).bit_length())
+    rows = np.arange(256, dtype=np.intp)
+    rows[ignore_index] = n
+    table = (rows[:, None] * n + np.pad(fg, (0, (1 << shift) - k))[None, :]) * (t + 1)
+    code = gt.astype(np.uint16)
+    code <<= shift
+    code |= best
+    return table.reshape(-1)[code]
+
+
+def best_foreground(high_res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of (k, H, W) scores, k >= 1: the highest score (float32) and the first channel holding it
+    (uint8 for k <= 256, as argmax picks it).
+
+    A running maximum over the few channels, cheaper than argmax and a gather over (k, H, W). Channel i
+    wins where it is strictly greater than all before it, and i exceeds every earlier index, so
+    max(best, better * i) writes i exactly there (masked writes are several times slower in NumPy).
+    """
+    k = high_res.shape[0]
+    top = high_res[0].astype(np.float32)
+    best = np.zeros(top.shape, np.uint8 if k <= 256 else np.intp)
+    for i in range(1, k):
+        channel = high_res[i].astype(np.float32, copy=False)
+        better = np.greater(channel, top).view(np.uint8).astype(best.dtype, copy=False)
+        np.maximum(best, better * best.dtype.type(i), out=best)
+        np.maximum(top, channel, out=top)
+    return top, best
+
+
+def threshold_bins(top: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Per pixel the number of thresholds strictly below its score, as searchsorted(thresholds, top, 'left')
+    gives it, in the smallest integer type that holds it. One threshold is one comparison; a sweep looks
+    the bin up by the score's float32 bits (`_bucket_table`) and searches only the few pixels whose
+    bucket holds a threshold."""
+    if len(thresholds) == 1:
+        return np.greater(top, thresholds[0]).view(np.uint8)
+    table = _bucket_table(np.ascontiguousarray(thresholds, dtype=np.float32).tobytes())
+    bins = table[top.view(np.uint32) >> _BUCKET_SHIFT]
+    unsure = np.flatnonzero(bins < 0)
+    if len(unsure):
+        bins.reshape(-1)[unsure] = np.searchsorted(thresholds, top.reshape(-1)[unsure], side="left")
+    return bins
+
+
+# float32 bits >> 13 keep sign, exponent and 10 mantissa bits: every float16 value (how `vwe infer` stores
+# CAMs by default) is the lowest value of its own bucket, and a bucket is an interval of values
+_BUCKET_SHIFT = 13
+
+
+@functools.lru_cache(maxsize=8)
+def _bucket_table(thresholds: bytes) -> np.ndarray:
+    """For each of the 2^19 buckets the number of thresholds below all of its values, or -1 where a
+    threshold falls inside it (those pixels are searched). Built once per threshold list (~20 ms)."""
+    th = np.frombuffer(thresholds, np.float32)
+    first = np.arange(1 << (32 - _BUCKET_SHIFT), dtype=np.uint32) << _BUCKET_SHIFT
+    last = first | np.uint32((1 << _BUCKET_SHIFT) - 1)
+    lo = np.searchsorted(th, first.view(np.float32), side="left")
+    hi = np.searchsorted(th, last.view(np.float32), side="left")
+    dtype = np.int16 if len(th) < np.iinfo(np.int16).max else np.int32
+    return np.where(lo == hi, lo, -1).astype(dtype)
 
 
 def confusions_from_histogram(hist: np.ndarray) -> np.ndarray:

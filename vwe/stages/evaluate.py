@@ -8,10 +8,17 @@ in the report.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import os
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -26,6 +33,8 @@ from vwe.runtime.errors import CheckpointError, DataError, id_listing, problem_l
 from vwe.runtime.files import atomic_write, file_sha256
 from vwe.report.miou import (confusions_from_histogram, format_table, mask_value_problem, mean_iou, scores, sweep_histogram, sweep_thresholds)
 from vwe.runtime.skips import SkipPolicy, unseen_after
+
+T, R = TypeVar("T"), TypeVar("R")
 
 
 def expected_weights(cfg: Config) -> tuple[Path, str] | None:
@@ -42,9 +51,68 @@ def expected_weights(cfg: Config) -> tuple[Path, str] | None:
     return path, file_sha256(path)
 
 
+@dataclass
+class Scored:
+    """One sample's outcome: its histogram and the weights that made its CAM, or why it was not scored."""
+    key: str
+    hist: np.ndarray | None = None
+    weights: str = ""
+    missing: bool = False      # no CAM file
+    problem: str = ""          # a bad CAM, or no mask: listed, the evaluation fails
+    mask_problem: str = ""     # mask values outside the classes: skippable under data.on_corrupt=skip
+
+
+def score_sample(sample: dict, cam_dir: Path, thresholds: np.ndarray, shard_of: dict[str, str]) -> Scored:
+    """Check one sample's mask and CAM and count its pixels (runs on a worker thread: no shared state)."""
+    key, mask = sample["key"], sample["mask"]
+    if mask is None:
+        return Scored(key, problem=f"{key}: the split has no ground-truth mask for it")
+    gt = mask.numpy() if hasattr(mask, "numpy") else np.asarray(mask)
+    problem = mask_value_problem(gt, NUM_LABELS)
+    if problem:
+        return Scored(key, mask_problem=f"shard {shard_of.get(key, '?')}, sample {key!r}: mask {problem}")
+    path = cam_dir / f"{key}.npz"
+    if not path.exists():
+        return Scored(key, missing=True)
+    try:
+        rec = read_cam_for(path, gt.shape, "mask", num_classes=NUM_LABELS - 1)
+    except DataError as e:
+        return Scored(key, problem=str(e))
+    return Scored(key, sweep_histogram(rec.high_res, rec.keys, gt, thresholds, NUM_LABELS), rec.weights_sha256)
+
+
+def eval_threads(setting: int) -> int:
+    """eval.num_workers, or for 0 the cores this process may run on divided among the node's processes."""
+    if setting:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
+    """fn(item) for each item on `threads` threads, results in item order, at most 2 x threads in flight.
+    Reading the .npz (zlib's CRC) and NumPy's array loops release the GIL, so threads share the cores."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="vwe-eval") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
 def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: np.ndarray) -> dict:
     """This rank's histogram and the problems it found (never raises for one bad CAM or mask: all are
-    listed, and every rank reaches the collectives)."""
+    listed, and every rank reaches the collectives). Masks are decoded and samples scored on
+    eval_threads() threads; results are taken in sample order, so lists and counts never depend on them."""
     hist = np.zeros((NUM_LABELS, NUM_LABELS, len(thresholds) + 1), np.int64)
     missing, bad = [], []
     by_weights: dict[str, list[str]] = defaultdict(list)
@@ -52,36 +120,26 @@ def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: n
     idx = load_index(cfg.data.root, cfg.data.infer_split)
     shard_of = {k: s.name for s in idx.shards for k in s.keys}
     lo, hi = infer_ranges(idx.num_samples, world)[rank]
+    threads = eval_threads(cfg.eval.num_workers)
+    # masks only (no JPEG pixels): thread workers, without worker processes' start-up and transfers
+    data = dataclasses.replace(cfg.data, worker_kind="thread")
+    infer = dataclasses.replace(cfg.infer, num_workers=threads)
+    samples = infer_samples(data, infer, rank, world, with_scales=False, with_image=False, skips=skips)
     scored = 0
-    samples = infer_samples(cfg.data, cfg.infer, rank, world, with_scales=False, with_image=False, skips=skips)
-    for sample in unseen_after(samples, idx.keys[lo:hi], skips):
-        key, mask = sample["key"], sample["mask"]
-        if mask is None:
-            bad.append(f"{key}: the split has no ground-truth mask for it")
-            continue
-        gt = mask.numpy() if hasattr(mask, "numpy") else np.asarray(mask)
-        problem = mask_value_problem(gt, NUM_LABELS)
-        if problem:
-            message = f"shard {shard_of.get(key, '?')}, sample {key!r}: mask {problem}"
-            if skips.skipping:
-                skips.skip(key, message, reason="mask values")
-            else:
-                bad.append(message)
-            continue
-        path = cam_dir / f"{key}.npz"
-        if not path.exists():
-            missing.append(key)
-            continue
-        try:
-            rec = read_cam_for(path, gt.shape, "mask", num_classes=NUM_LABELS - 1)
-        except DataError as e:
-            bad.append(str(e))
-            continue
-        by_weights[rec.weights_sha256].append(key)
-        hist += sweep_histogram(rec.high_res, rec.keys, gt, thresholds, NUM_LABELS)
-        scored += 1
+    score = functools.partial(score_sample, cam_dir=cam_dir, thresholds=thresholds, shard_of=shard_of)
+    for result in ordered_map(score, unseen_after(samples, idx.keys[lo:hi], skips), threads):
+        if result.mask_problem and skips.skipping:
+            skips.skip(result.key, result.mask_problem, reason="mask values")
+        elif result.problem or result.mask_problem:
+            bad.append(result.problem or result.mask_problem)
+        elif result.missing:
+            missing.append(result.key)
+        else:
+            by_weights[result.weights].append(result.key)
+            hist += result.hist
+            scored += 1
     return {"hist": hist, "missing": missing, "bad": bad, "by_weights": dict(by_weights),
-            "scored": scored, "skips": skips.state(), "range": hi - lo}
+            "scored": scored, "skips": skips.state(), "range": hi - lo, "threads": threads}
 
 
 def _check_complete(ranks: list[dict], cfg: Config, cam_dir: Path,
@@ -130,7 +188,8 @@ def evaluate(cfg: Config, sweep: bool = False) -> int:
     skips.merge(p["skips"] for p in ranks)
     report = _report(cfg, confs, thresholds, bkg, missing, weights, sum(p["scored"] for p in ranks),
                      time.perf_counter() - start, state.num_processes)
-    report.update(split_size=sum(p["range"] for p in ranks), skipped=skips.report(), cams=str(cam_dir),
+    report.update(split_size=sum(p["range"] for p in ranks), threads_per_process=ranks[0]["threads"],
+                  skipped=skips.report(), cams=str(cam_dir),
                   infer_mixed_precision=_inference_precision(cam_dir),
                   weights_matched=expected is not None, weights=str(expected[0]) if expected else None)
     out = Path(cfg.output.run_dir) / "eval"
