@@ -1,25 +1,87 @@
 #!/usr/bin/env bash
-# The checks to run wherever a GPU is lent: the `gpu`-marked tests, then the benchmark suite at the sizes
-# of configs/voc.yaml, whose table replaces the "Suite: GPU" section of docs/benchmarks.md.
-#   scripts/gpu-check.sh [OUT_DIR]      (default runs/gpu-check; env: PYTHON, STEPS, SUITE_ARGS, DOC, *_TIMEOUT)
-# Both run even if the first fails; the exit status is the first failure's.
+# The checks to run wherever a GPU is lent: the `gpu`-marked tests; the benchmark suite at the sizes of
+# configs/voc.yaml (components, and the real commands beside them), whose table replaces the "Suite: GPU"
+# section of docs/benchmarks.md; and a whole `vwe pipeline --until segment` on the suite's synthetic data,
+# with the seconds of each stage. Random weights and lr 0 throughout: timing, not accuracy.
+#   scripts/gpu-check.sh [OUT_DIR]   (default $OUT, else runs/gpu-check)
+# env: PYTHON; STEPS (suite), PIPELINE_STEPS; SUITE_ARGS (extra overrides); DOC; TEST_TIMEOUT, SUITE_TIMEOUT,
+#      PIPELINE_TIMEOUT; SKIP="tests suite pipeline" (any of them, to run the parts in separate calls);
+#      EVAL_IMAGES=1464: also `vwe bench eval` on that many made-up VOC-sized CAMs (about 3 min of data making);
+#      TINY=1: CPU-sized (configs/demo.yaml shrunk, no doc update), to check the script itself anywhere.
+# Every part runs even if an earlier one fails; the exit status is the first failure's.
 set -uo pipefail
-out=${1:-runs/gpu-check}
+out=${1:-${OUT:-runs/gpu-check}}
 python=${PYTHON:-python3}
+skip=" ${SKIP:-} "
 mkdir -p "$out"
 status=0
+fail() { [ "$status" -ne 0 ] || status=$1; }
+
+if [ "${TINY:-0}" = 1 ]; then
+    config=configs/demo.yaml
+    sizes=(model.backbone=resnet18 model.num_words=8 data.crop_size=64 "data.long_side=[64, 80]" train.batch_size=2
+           "infer.scales=[1.0]" infer.batch_size=2 data.num_workers=1 seg.crop_size=64 seg.batch_size=2
+           "seg.test_scales=[0.5]" seg.test_flip=false)
+    synth=(--train 24 --val 6 --size 80)
+    steps=${STEPS:-1} pipeline_steps=${PIPELINE_STEPS:-3} doc=() quick=(--quick)
+else
+    config=configs/voc.yaml
+    sizes=(model.pretrained=none seg.pretrained=none)
+    synth=(--train 64 --val 16 --size 500)
+    steps=${STEPS:-10} pipeline_steps=${PIPELINE_STEPS:-30} doc=(--update-doc "${DOC:-docs/benchmarks.md}") quick=()
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1 || true
 "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])' >>"$out/gpu.txt" 2>&1
+lscpu >"$out/cpu.txt" 2>&1 || true
 
-echo "== pytest -m gpu" >&2
-timeout "${TEST_TIMEOUT:-300}" "$python" -m pytest -m gpu -ra -p no:cacheprovider --durations=0 tests/test_gpu.py \
-    2>&1 | tee "$out/gpu-tests.log" || status=$?
+if [[ $skip != *" tests "* ]]; then
+    echo "== pytest -m gpu" >&2
+    timeout "${TEST_TIMEOUT:-300}" "$python" -m pytest -m gpu -ra -p no:cacheprovider --durations=0 tests/test_gpu.py \
+        2>&1 | tee "$out/gpu-tests.log" || fail $?
+fi
 
-echo "== vwe bench suite" >&2
-# shellcheck disable=SC2086  # SUITE_ARGS is a list of config overrides
-timeout "${SUITE_TIMEOUT:-420}" "$python" -m vwe bench suite --config configs/voc.yaml model.pretrained=none \
-    ${SUITE_ARGS:-} --steps "${STEPS:-10}" --out "$out/suite" --update-doc "${DOC:-docs/benchmarks.md}" \
-    2>&1 | tee "$out/suite.log" || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
+shards=$out/suite/shards
+make_data() {  # a synthetic set of the suite's kind, for TINY runs and a pipeline without the suite
+    "$python" -m vwe synth --out "$out/suite/synthetic" "${synth[@]}" >"$out/data.log" 2>&1 &&
+        "$python" -m vwe prepare --voc "$out/suite/synthetic" --out "$shards" --shard-size 16 >>"$out/data.log" 2>&1
+}
+[ "${TINY:-0}" != 1 ] || [ -f "$shards/val.json" ] || make_data || fail $?
+
+if [[ $skip != *" suite "* ]]; then
+    echo "== vwe bench suite" >&2
+    # shellcheck disable=SC2086  # SUITE_ARGS is a list of config overrides
+    # without shards there, the suite makes its synthetic set in that folder
+    timeout "${SUITE_TIMEOUT:-540}" "$python" -m vwe bench suite --config "$config" "${sizes[@]}" "data.root=$shards" \
+        ${SUITE_ARGS:-} \
+        --steps "$steps" "${quick[@]}" --out "$out/suite" "${doc[@]}" 2>&1 | tee "$out/suite.log" || fail $?
+fi
+
+if [ -n "${EVAL_IMAGES:-}" ]; then  # the issue's evaluation figure: that many VOC-sized CAMs, all threads and one
+    echo "== vwe bench eval ($EVAL_IMAGES images)" >&2
+    { "$python" -m vwe synth --out "$out/eval/synthetic" --train "$EVAL_IMAGES" --val 8 --size 500 --seed 1 &&
+      "$python" -m vwe prepare --voc "$out/eval/synthetic" --out "$out/eval/shards" &&
+      "$python" -m vwe bench eval --config configs/voc.yaml "data.root=$out/eval/shards" data.infer_split=train \
+          --json "$out/eval/eval.json"; } >"$out/eval.log" 2>&1 || fail $?
+    tail -1 "$out/eval.log" >&2
+fi
+
+if [[ $skip != *" pipeline "* ]]; then
+    echo "== vwe pipeline --until segment" >&2
+    [ -f "$shards/val.json" ] || make_data || fail $?
+    run=$out/pipeline/run
+    rm -rf "$run"
+    start=$(date +%s.%N)
+    # CAMs, CRF labels and predictions of the val split (16 images): the CRF is CPU work, one process here
+    timeout "${PIPELINE_TIMEOUT:-300}" "$python" -m vwe pipeline --config "$config" --until segment "${sizes[@]}" \
+        "data.root=$shards" data.train_split=train data.infer_split=val "output.run_dir=$run" output.tensorboard=false \
+        "train.max_steps=$pipeline_steps" train.checkpoint_every=0 train.lr=0 \
+        "seg.max_steps=$pipeline_steps" seg.checkpoint_every=0 seg.lr=0 seg.train_split=val_pseudo \
+        >"$out/pipeline.log" 2>&1 || { rc=$?; tail -20 "$out/pipeline.log" >&2; fail $rc; }
+    wall=$(awk "BEGIN { print $(date +%s.%N) - $start }")
+    echo "per-stage seconds of the pipeline (each stage's own timing; the rest is start-up and loading):" \
+        | tee "$out/pipeline-stages.md"
+    "$python" -m vwe.bench.suite stages "$run" "$wall" | tee -a "$out/pipeline-stages.md" || fail $?
+fi
 exit "$status"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import REPO, run_vwe
 
 TINY_BENCH = ["model.backbone=resnet18", "model.num_words=8", "data.crop_size=64", "data.long_side=[64, 80]",
@@ -28,8 +30,22 @@ def test_bench_suite_writes_every_figure(synthetic_shards, tmp_path):
     assert r["train_auto"]["variants"][0]["mixed_precision"] == ("bf16" if r["machine"]["cpu_native_bf16"] else "no")
     assert r["infer_fp32"]["vwe_mfu"] > 0 and r["infer_fp32"]["gflops_per_image"] > 0
     assert set(r["distribution"]["img_s"]) == {"1", "2"} and r["distribution"]["scaling"] > 0
+    assert r["eval"]["threads"] >= 1 and r["eval"]["one_thread_single_seconds"] > 0
+    commands = r["commands"]
+    assert list(commands) == ["train", "infer", "evaluate", "refine", "segment", "segment-eval"]
+    for name, c in commands.items():
+        assert c["images"] > 0 and 0 < c["work_s"] <= c["wall_s"], (name, c)
+        assert c["startup_s"] == pytest.approx(c["wall_s"] - c["work_s"], abs=0.02)
+        assert c["wall_img_s"] == pytest.approx(c["images"] / c["wall_s"], rel=0.01)
+        if name != "refine":  # every other command has its component, and a reason wherever they disagree
+            assert c["component_img_s"] > 0 and c["ratio"] > 0, (name, c)
+            assert (0.9 <= c["ratio"] <= 1.1) or c["note"], (name, c)
+    assert commands["train"]["images"] == 3 * 2  # steps + 2 at batch 2
+    val_images = json.loads((synthetic_shards / "val.json").read_text())["num_samples"]
+    assert commands["infer"]["images"] == commands["evaluate"]["images"] == commands["segment-eval"]["images"] == val_images
     table = (out / "benchmarks.md").read_text()
     assert table.startswith("Measured ") and "| training, 1 vs 2 processes" in table
+    assert all(f"| `vwe {name}` | {c['images']} | {c['wall_s']} |" in table for name, c in commands.items())
     assert "| segmentation training | resnet18" in table
     text = doc.read_text()
     assert "hand-written text" in text and "more text" in text and "old" not in text.split("hand-written")[1]

@@ -2,17 +2,21 @@
 
 Runs, each in its own process: the data loader; training in fp32 and in `auto` precision; gradient
 checkpointing off/on; CAM inference in fp32 and in `auto` precision (with MFU); evaluation; and real
-`vwe train` runs with 1 and 2 processes at the same global batch (the cost of distribution). Writes
-`benchmarks.json` and `benchmarks.md`: a table headed by the machine (CPU model, cores, native bf16,
+`vwe train` runs with 1 and 2 processes at the same global batch (the cost of distribution); then the
+commands a user runs (train, infer, evaluate, refine, segment, segment-eval), each in a fresh process,
+with their wall time, start-up and rate beside the component that times the same work. Writes
+`benchmarks.json` and `benchmarks.md`: tables headed by the machine (CPU model, cores, native bf16,
 GPUs, torch/CUDA versions). `--update-doc docs/benchmarks.md` replaces the generated section there.
 Without shards at data.root it makes a small synthetic VOC-sized data set in DIR first.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,8 +108,9 @@ def run_suite(cfg: Config, out: Path, steps: int, quick: bool = False) -> dict:
         def bench(name: str, what: str, *extra: str, n: int = steps) -> None:
             path = out / f"{name}.json"
             print(f"bench suite: {name} ...", file=sys.stderr, flush=True)
+            load = _load()
             _vwe(["bench", what, *base, "--steps", str(n), "--json", str(path), *extra], log, 3600)
-            results[name] = json.loads(path.read_text())
+            results[name] = {**json.loads(path.read_text()), "load_avg": _load(load)}
 
         bench("data", "data", n=max(steps, 4) if quick else max(steps, 24))  # loader batches: cheap, noisy
         bench("train_fp32", "train", "train.mixed_precision=no")
@@ -120,6 +125,10 @@ def run_suite(cfg: Config, out: Path, steps: int, quick: bool = False) -> dict:
         bench("eval", "eval")
         bench("seg", "seg")
         results["distribution"] = _distribution(cfg_path, root, split, steps, out, log)
+        print("bench suite: the commands (train, infer, evaluate, refine, segment, segment-eval) ...",
+              file=sys.stderr, flush=True)
+        results["commands"] = command_rows(_commands(cfg_path, root, split, steps, out, log), results,
+                                           _image_pixels(cfg, root, _small_split(root, split)))
     atomic_write(out / "benchmarks.json", json.dumps(results, indent=2), "benchmark results")
     atomic_write(out / "benchmarks.md", render(results), "benchmark table")
     return results
@@ -144,6 +153,206 @@ def _distribution(cfg_path: Path, root: str, split: str, steps: int, out: Path, 
     if len(rates) == 2:
         result["scaling"] = round(rates[2] / rates[1], 3)  # 2.0 would be perfect on twice the devices
     return result
+
+
+# The chain the suite runs as a user would, each command a fresh `python -m vwe` process on the suite's data.
+# Weights stay random (lr 0: timing only); refine thresholds the CAMs (no CRF) and segment-eval runs
+# without its CRF, so that each command does what its component benchmark times.
+COMMANDS = ("train", "infer", "evaluate", "refine", "segment", "segment-eval")
+
+
+def _small_split(root: str, split: str) -> str:
+    """The split the per-image commands run on: val where the data has it (a few images), else `split`."""
+    return "val" if (Path(root) / "val.json").is_file() else split
+
+
+def _commands(cfg_path: Path, root: str, split: str, steps: int, out: Path, log: Path) -> dict:
+    """Run every command of COMMANDS once in a fresh run folder; each one's wall seconds and the records it
+    wrote (stage_records)."""
+    run = out / "commands"
+    shutil.rmtree(run, ignore_errors=True)
+    common = ["--config", str(cfg_path), f"data.root={root}", f"data.train_split={split}",
+              f"data.infer_split={_small_split(root, split)}", f"output.run_dir={run}", "output.tensorboard=false",
+              f"train.max_steps={steps + 2}", "train.checkpoint_every=0", "train.resume=none", "train.log_every=1",
+              "train.lr=0", f"seg.max_steps={steps + 2}", "seg.checkpoint_every=0", "seg.lr=0", "seg.crf=false",
+              "refine.method=threshold", "refine.color=false"]
+    wall, load = {}, {}
+    for command in COMMANDS:
+        t0, before = time.perf_counter(), _load()
+        _vwe([command, *common], log, 3600)
+        wall[command], load[command] = round(time.perf_counter() - t0, 2), _load(before)
+    records = stage_records(run)
+    return {name: {"wall_s": wall[name], "load_avg": load[name], **records.get(name, {})} for name in COMMANDS}
+
+
+def _load(before: float | None = None) -> float:
+    """The 1-minute load average now, or its mean with `before` (other work on the machine while measuring)."""
+    now = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return round(now if before is None else (before + now) / 2, 2)
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _steady(metrics: Path, key: str) -> float | None:
+    """Median of `key` over a training run's metrics records after the first (start-up and warm-up left out)."""
+    if not metrics.is_file():
+        return None
+    values = sorted(json.loads(line)[key] for line in metrics.read_text().splitlines()[1:] if line.strip())
+    return values[len(values) // 2] if values else None
+
+
+def _training_record(folder: Path) -> dict | None:
+    summary = _json(folder / "summary.json")
+    if summary is None:
+        return None
+    metrics = folder / "metrics.jsonl"
+    return {"images": summary["samples_seen"], "work_s": summary["seconds_this_run"],
+            "steps": summary["steps_this_run"], "steady_img_s": _steady(metrics, "images_per_s"),
+            "data_wait": _steady(metrics, "data_wait_fraction"), "mixed_precision": summary["mixed_precision"]}
+
+
+def _pass_record(manifests: list[Path], report: Path | None = None) -> dict | None:
+    """A per-image pass: images handled and seconds of the slowest rank (manifests), or a report's."""
+    found = [json.loads(p.read_text()) for p in manifests]
+    if found:
+        return {"images": sum(m["written"] + m["already_done"] for m in found),
+                "work_s": max(m["seconds"] for m in found), "mixed_precision": found[0].get("mixed_precision")}
+    r = _json(report) if report else None
+    return {"images": r["num_images"], "work_s": r["seconds"]} if r else None
+
+
+def stage_records(run_dir: Path) -> dict[str, dict]:
+    """What each finished stage of a run recorded about its own work, from the default folders of
+    `run_dir`: images, seconds of the work (start-up left out: imports, model, process group) and, for
+    training, the steady rate. The stages that have not run are absent."""
+    run_dir = Path(run_dir)
+    seg = run_dir / "seg"
+    found = {
+        "train": _training_record(run_dir),
+        "infer": _pass_record(sorted((run_dir / "cams").glob("manifest-rank*.json"))),
+        "evaluate": _pass_record([], run_dir / "eval" / "report.json"),
+        "refine": _pass_record([], run_dir / "pseudo_labels" / "report.json"),
+        "segment": _training_record(seg),
+        "segment-eval": next((_pass_record(sorted(d.glob("manifest-rank*.json")))
+                              for d in sorted((seg / "eval").glob("*")) if d.is_dir()), None),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def _image_pixels(cfg: Config, root: str, split: str) -> float:
+    """Mean pixels per image of a split (JPEG headers only)."""
+    from vwe.data.loader import infer_samples
+    data = dataclasses.replace(cfg.data, root=root)
+    infer = dataclasses.replace(cfg.infer, num_workers=0)
+    hw = [s["size"] for s in infer_samples(data, infer, 0, 1, split=split, with_scales=False, with_image=False)]
+    return sum(h * w for h, w in hw) / max(1, len(hw))
+
+
+def _component(name: str, results: dict, precision: str | None) -> tuple[float | None, float | None, str, str]:
+    """(img/s, pixels per image or None for training crops, what, results key) of the component benchmark
+    that times what command `name` does, in the command's precision where there is a choice."""
+    if name == "train":
+        for key in ("train_fp32", "train_auto"):
+            v = results[key]["variants"][0]
+            if v["mixed_precision"] == precision:
+                return v["img_per_s"], None, f"bench train ({precision})", key
+        return None, None, f"no training benchmark in {precision}", ""
+    if name == "infer":
+        for key in ("infer_fp32", "infer_auto"):
+            f = results[key]
+            if f["mixed_precision"] == precision:
+                h, w = f["image_size"]
+                return f["vwe_img_s"], h * w, f"bench infer ({precision})", key
+        return None, None, f"no inference benchmark in {precision}", ""
+    if name == "evaluate":
+        e = results["eval"]
+        return round(e["images"] / e["single_seconds"], 2), e.get("pixels_per_image"), "bench eval", "eval"
+    if name in ("segment", "segment-eval") and "seg" in results:
+        from vwe.bench.seg import VOC_SIZES
+        if name == "segment":
+            return results["seg"]["training"]["img_per_s"], None, "bench seg (training)", "seg"
+        pixels = sum(h * w for h, w in VOC_SIZES) / len(VOC_SIZES)
+        return results["seg"]["prediction"]["img_per_s"], pixels, "bench seg (prediction)", "seg"
+    return None, None, "no component benchmark", ""
+
+
+def command_rows(commands: dict, results: dict, pixels: float) -> dict:
+    """Each command beside its component: start-up (wall - work), rates, and their ratio; in pixels/s for
+    the per-image commands (`pixels` per image; the component's images may differ in size), in img/s for
+    training (equal crops)."""
+    rows = {}
+    for name, c in commands.items():
+        if "work_s" not in c:
+            rows[name] = {**c, "note": "no record of its work found"}
+            continue
+        training = name in ("train", "segment")
+        work_rate = c["steady_img_s"] if training and c.get("steady_img_s") else c["images"] / max(c["work_s"], 1e-9)
+        comp, comp_pixels, what, key = _component(name, results, c.get("mixed_precision"))
+        row = {**c, "startup_s": round(c["wall_s"] - c["work_s"], 2), "wall_img_s": round(c["images"] / c["wall_s"], 3),
+               "work_img_s": round(work_rate, 3), "component": what,
+               "component_img_s": None if comp is None else round(comp, 3),
+               "pixels_per_image": None if training else round(pixels), "component_pixels": comp_pixels,
+               "component_load_avg": results.get(key, {}).get("load_avg")}
+        if comp:
+            scale = pixels / comp_pixels if comp_pixels and not training else 1.0
+            row["ratio"] = round(work_rate * scale / comp, 3)
+        row["note"] = _why(name, row, results)
+        rows[name] = row
+    return rows
+
+
+def _why(name: str, row: dict, results: dict) -> str:
+    """The measured facts that explain a ratio outside 0.9..1.1 (empty inside it)."""
+    ratio = row.get("ratio")
+    if ratio is None:
+        return row["component"] if row["component"].startswith("no ") else ""
+    if 0.9 <= ratio <= 1.1:
+        return ""
+    slower, notes = ratio < 0.9, []
+    loads = row.get("load_avg"), row.get("component_load_avg")
+    if None not in loads and abs(loads[0] - loads[1]) > 0.5:
+        notes.append(f"load average {loads[1]} during the component, {loads[0]} during the command "
+                     f"({results['machine']['cores']} cores): other work shared the machine")
+    if name in ("train", "segment"):
+        batch = row["images"] / max(row["steps"], 1)
+        extra_ms = 1000 * batch * (1 / row["work_img_s"] - 1 / row["component_img_s"])
+        if slower:
+            notes.append(f"the run's step takes {extra_ms:.0f} ms more than the component's "
+                         f"{1000 * batch / row['component_img_s']:.0f} ms: the loop's own work per step (logging, "
+                         f"its checks' all-reduce, the schedule) and data wait ({100 * (row.get('data_wait') or 0):.0f}%"
+                         f" of a step{'; the component has no loader' if name == 'segment' else ''})")
+        else:
+            notes.append(f"the run's median of {row['steps'] - 1} steps against the component's "
+                         f"{results['steps']} timed step(s)")
+        return "; ".join(notes)
+    if slower and row["images"] < 32:
+        notes.append(f"{row['images']} images: the command's work includes its first batch (warm-up), the "
+                     f"component's does not")
+    if row.get("component_pixels") and row.get("pixels_per_image"):
+        size = row["pixels_per_image"] / row["component_pixels"]
+        if not 0.5 <= size <= 2:
+            notes.append(f"images of {row['pixels_per_image'] / 1e6:.3f} MP against the component's "
+                         f"{row['component_pixels'] / 1e6:.3f} MP: per-image costs do not scale with pixels")
+    if name == "infer" and slower and results["infer_fp32"]["batch_size"] > 1:
+        notes.append("the component batches equal-size images; the command only those of equal size in a row")
+    return "; ".join(notes) or "unexplained"
+
+
+def render_commands(rows: dict) -> list[str]:
+    """The markdown table of the commands beside their components."""
+    head = ("| command | images | wall s | start-up s | img/s (wall) | img/s (work) | component | component img/s "
+            "| ratio | why they differ |")
+    lines = ["", head, "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    for name, r in rows.items():
+        if "work_s" not in r:
+            lines.append(f"| `vwe {name}` | - | {r['wall_s']} | - | - | - | - | - | - | {r['note']} |")
+            continue
+        lines.append(f"| `vwe {name}` | {r['images']} | {r['wall_s']} | {r['startup_s']} | {r['wall_img_s']} | "
+                     f"{r['work_img_s']} | {r['component']} | {r['component_img_s'] or '-'} | "
+                     f"{r.get('ratio', '-')} | {r['note']} |")
+    return lines
 
 
 def render(r: dict) -> str:
@@ -190,6 +399,13 @@ def render(r: dict) -> str:
     lines.append(f"| training, 1 vs 2 processes (same global batch) | {' / '.join(img)} processes | "
                  f"{' / '.join(str(v) for v in img.values())} img/s"
                  f"{', scaling ' + str(dist['scaling']) if 'scaling' in dist else ''} |")
+    if "commands" in r:
+        lines += ["", ("The commands as a user runs them (one process each, on the suite's data): wall time, "
+                       "start-up (wall minus the work the command timed itself), rate over the wall time and over "
+                       "the work (training: the median step after the first), and the ratio of the work rate to "
+                       "the component's (per pixel for the per-image commands; outside 0.9-1.1 the last column "
+                       "says why).")]
+        lines += render_commands(r["commands"])
     return "\n".join(lines) + "\n"
 
 
@@ -218,3 +434,24 @@ def run(cfg: Config, args) -> int:
     if args.json:
         atomic_write(args.json, json.dumps(results, indent=2), "benchmark results")
     return 0
+
+
+def stage_table(run_dir: Path, wall_s: float | None = None) -> str:
+    """Per-stage seconds of a run (a `vwe pipeline`'s, say) from its records: images, work seconds and rate;
+    with the whole command's wall time, the rest (start-up, model loading, writing the label split)."""
+    records = stage_records(run_dir)
+    lines = ["| stage | images | seconds | img/s |", "|---|---:|---:|---:|"]
+    for name, r in records.items():
+        lines.append(f"| {name} | {r['images']} | {r['work_s']:.2f} | {r['images'] / max(r['work_s'], 1e-9):.2f} |")
+    work = sum(r["work_s"] for r in records.values())
+    lines.append(f"| all stages | | {work:.2f} | |")
+    if wall_s is not None:
+        lines.append(f"| the rest (start-up, loading, label split) | | {wall_s - work:.2f} | |")
+        lines.append(f"| wall | | {wall_s:.2f} | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m vwe.bench.suite stages RUN_DIR [WALL_SECONDS] (scripts/gpu-check.sh)
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "stages":
+        sys.exit("usage: python -m vwe.bench.suite stages RUN_DIR [WALL_SECONDS]")
+    print(stage_table(Path(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) == 4 else None), end="")
