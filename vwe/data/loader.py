@@ -17,8 +17,6 @@ from __future__ import annotations
 import itertools
 import signal
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,6 +29,7 @@ from vwe.data.transforms import irn_augment, load_rgb, open_jpeg, resize_pair, s
 from vwe.data.voc import NUM_CLASSES, decode_mask
 from vwe.formats.config import DataConfig, InferConfig, TrainConfig
 from vwe.runtime.errors import DataError, VweError
+from vwe.runtime.parallel import ordered_map
 from vwe.runtime.preempt import PREEMPT_SIGNALS
 from vwe.runtime.skips import Skip, SkipPolicy
 
@@ -223,24 +222,6 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
-def _threaded(tasks: Iterator[Any], fn, num_threads: int) -> Iterator[Any]:
-    """fn(*task) for each task on a thread pool, results in task order, at most 2 x threads in flight.
-    JPEG decoding (Pillow) and torch's resize release the GIL, so threads use several cores without
-    the shared-memory transfer and start-up of worker processes."""
-    pending: deque = deque()
-    with ThreadPoolExecutor(num_threads, thread_name_prefix="vwe-data") as pool:
-        try:
-            for task in tasks:
-                pending.append(pool.submit(fn, *task))
-                if len(pending) >= 2 * num_threads:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
-
-
 def _ignore_preemption_signals(worker_id: int) -> None:
     """worker_init_fn: loader workers ignore SIGUSR1/SIGTERM. SLURM and slurm/launch.sh signal every
     process of the job; only the main process decides when to stop (after its checkpoint), and a worker
@@ -253,7 +234,7 @@ def _run(dataset: IterableDataset, num_workers: int, kind: str = "process") -> I
     """Iterate in this process (0 workers), on threads, or through a DataLoader's worker processes;
     worker errors re-raise as DataError."""
     if num_workers > 0 and kind == "thread":
-        yield from _threaded(dataset.plan(0, 1), dataset.decode, num_workers)
+        yield from ordered_map(lambda task: dataset.decode(*task), dataset.plan(0, 1), num_workers, "vwe-data")
         return
     if num_workers == 0:
         it: Any = iter(dataset)
@@ -400,7 +381,7 @@ def infer_samples(data: DataConfig, infer: InferConfig, rank: int, world: int, s
     ds = _InferStream(data, infer, idx, lo, hi, with_scales, with_image)
     workers = min(infer.num_workers, max(hi - lo, 1)) if hi > lo else 0
     if workers and data.worker_kind == "thread":
-        items = _count_skips(_threaded(ds.plan(0, 1), ds.decode, workers))
+        items = _count_skips(ordered_map(lambda task: ds.decode(*task), ds.plan(0, 1), workers, "vwe-data"))
     else:
         items = _run(ds, workers)
     for item in items:

@@ -13,12 +13,9 @@ import functools
 import json
 import os
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -31,10 +28,9 @@ from vwe.data.index import load_index
 from vwe.runtime.dist import sum_over_ranks, distributed_state, gather_objects
 from vwe.runtime.errors import CheckpointError, DataError, id_listing, problem_list
 from vwe.runtime.files import atomic_write, file_sha256
+from vwe.runtime.parallel import ordered_map
 from vwe.report.miou import (confusions_from_histogram, format_table, mask_value_problem, mean_iou, scores, sweep_histogram, sweep_thresholds)
 from vwe.runtime.skips import SkipPolicy, unseen_after
-
-T, R = TypeVar("T"), TypeVar("R")
 
 
 def expected_weights(cfg: Config) -> tuple[Path, str] | None:
@@ -89,26 +85,6 @@ def eval_threads(setting: int) -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
-    """fn(item) for each item on `threads` threads, results in item order, at most 2 x threads in flight.
-    Reading the .npz (zlib's CRC) and NumPy's array loops release the GIL, so threads share the cores."""
-    if threads <= 1:
-        yield from map(fn, items)
-        return
-    pending: deque[Future] = deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="vwe-eval") as pool:
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= 2 * threads:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
-
-
 def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: np.ndarray) -> dict:
     """This rank's histogram and the problems it found (never raises for one bad CAM or mask: all are
     listed, and every rank reaches the collectives). Masks are decoded and samples scored on
@@ -127,7 +103,7 @@ def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: n
     samples = infer_samples(data, infer, rank, world, with_scales=False, with_image=False, skips=skips)
     scored = 0
     score = functools.partial(score_sample, cam_dir=cam_dir, thresholds=thresholds, shard_of=shard_of)
-    for result in ordered_map(score, unseen_after(samples, idx.keys[lo:hi], skips), threads):
+    for result in ordered_map(score, unseen_after(samples, idx.keys[lo:hi], skips), threads, "vwe-eval"):
         if result.mask_problem and skips.skipping:
             skips.skip(result.key, result.mask_problem, reason="mask values")
         elif result.problem or result.mask_problem:
