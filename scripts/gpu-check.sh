@@ -7,6 +7,8 @@
 # env: PYTHON; STEPS (suite), PIPELINE_STEPS; SUITE_ARGS (extra overrides); DOC; TEST_TIMEOUT, SUITE_TIMEOUT,
 #      PIPELINE_TIMEOUT; SKIP="tests suite pipeline" (any of them, to run the parts in separate calls);
 #      EVAL_IMAGES=1464: also `vwe bench eval` on that many made-up VOC-sized CAMs (about 3 min of data making);
+#      INFER_IMAGES=1464: also the real `vwe infer` and `vwe evaluate` on that many VOC-sized images, timed,
+#      with the infer pass's split of its time (waiting for samples / computing / waiting for writes);
 #      TINY=1: CPU-sized (configs/demo.yaml shrunk, no doc update), to check the script itself anywhere.
 # Every part runs even if an earlier one fails; the exit status is the first failure's.
 set -uo pipefail
@@ -65,6 +67,32 @@ if [ -n "${EVAL_IMAGES:-}" ]; then  # the issue's evaluation figure: that many V
       "$python" -m vwe bench eval --config configs/voc.yaml "data.root=$out/eval/shards" data.infer_split=train \
           --json "$out/eval/eval.json"; } >"$out/eval.log" 2>&1 || fail $?
     tail -1 "$out/eval.log" >&2
+fi
+
+if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `vwe infer` and `vwe evaluate`
+    # on that many VOC-sized images at configs/voc.yaml's scales and precision (weights: 1 step at lr 0)
+    echo "== vwe infer + vwe evaluate ($INFER_IMAGES images)" >&2
+    data=$out/infer
+    irun=$data/run
+    size=500
+    [ "${TINY:-0}" != 1 ] || size=96
+    rm -rf "$irun"
+    { [ -f "$data/shards/train.json" ] ||
+        { "$python" -m vwe synth --out "$data/synthetic" --train "$INFER_IMAGES" --val 4 --size "$size" --seed 2 &&
+          "$python" -m vwe prepare --voc "$data/synthetic" --out "$data/shards"; }; } >"$data.log" 2>&1 || fail $?
+    common=(--config "$config" "${sizes[@]}" "data.root=$data/shards" data.infer_split=train
+            "output.run_dir=$irun" output.tensorboard=false)
+    "$python" -m vwe train "${common[@]}" train.max_steps=1 train.lr=0 train.checkpoint_every=0 >>"$data.log" 2>&1 \
+        || fail $?
+    for command in infer evaluate; do
+        start=$(date +%s.%N)
+        "$python" -m vwe "$command" "${common[@]}" >>"$data.log" 2>&1 || fail $?
+        seconds=$(awk "BEGIN { print $(date +%s.%N) - $start }")
+        awk -v c="$command" -v s="$seconds" -v n="$INFER_IMAGES" \
+            'BEGIN { printf "vwe %s: %d images in %.1f s wall (%.1f img/s, start-up included)\n", c, n, s, n / s }' \
+            | tee -a "$out/infer-figures.md"
+    done
+    grep -h "rank 0: .* of which" "$data.log" | tee -a "$out/infer-figures.md"
 fi
 
 if [[ $skip != *" pipeline "* ]]; then
