@@ -40,6 +40,9 @@ def test_bench_suite_writes_every_figure(synthetic_shards, tmp_path):
         if name != "refine":  # every other command has its component, and a reason wherever they disagree
             assert c["component_img_s"] > 0 and c["ratio"] > 0, (name, c)
             assert (0.9 <= c["ratio"] <= 1.1) or c["note"], (name, c)
+    for name in ("train", "infer", "segment", "segment-eval"):  # the real commands' MFU, from their rates
+        assert commands[name]["mfu"] > 0, (name, commands[name])
+    assert commands["infer"]["mfu"] == pytest.approx(r["infer_fp32"]["vwe_mfu"] * commands["infer"]["ratio"], rel=1e-3)
     assert commands["train"]["images"] == 3 * 2  # steps + 2 at batch 2
     val_images = json.loads((synthetic_shards / "val.json").read_text())["num_samples"]
     assert commands["infer"]["images"] == commands["evaluate"]["images"] == commands["segment-eval"]["images"] == val_images

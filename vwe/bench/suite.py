@@ -278,6 +278,17 @@ def _component(name: str, results: dict, precision: str | None) -> tuple[float |
     return None, None, "no component benchmark", ""
 
 
+def _component_mfu(name: str, results: dict, key: str) -> float | None:
+    """The MFU its component benchmark measured (FLOPs counted once, torch.utils.flop_counter), or None."""
+    if name == "train":
+        return results[key]["variants"][0].get("mfu")
+    if name == "infer":
+        return results[key].get("vwe_mfu")
+    if name in ("segment", "segment-eval"):
+        return results["seg"]["training" if name == "segment" else "prediction"].get("mfu")
+    return None
+
+
 def command_rows(commands: dict, results: dict, pixels: float) -> dict:
     """Each command beside its component: start-up (wall - work), rates, and their ratio; in pixels/s for
     the per-image commands (`pixels` per image; the component's images may differ in size), in img/s for
@@ -298,6 +309,10 @@ def command_rows(commands: dict, results: dict, pixels: float) -> dict:
         if comp:
             scale = pixels / comp_pixels if comp_pixels and not training else 1.0
             row["ratio"] = round(work_rate * scale / comp, 3)
+            # the same network, precision and work per pixel (or per crop) as the component: its FLOPs at
+            # the command's rate
+            mfu = _component_mfu(name, results, key)
+            row["mfu"] = None if mfu is None else round(mfu * row["ratio"], 5)
         row["note"] = _why(name, row, results)
         rows[name] = row
     return rows
@@ -342,15 +357,16 @@ def _why(name: str, row: dict, results: dict) -> str:
 
 def render_commands(rows: dict) -> list[str]:
     """The markdown table of the commands beside their components."""
-    head = ("| command | images | wall s | start-up s | img/s (wall) | img/s (work) | component | component img/s "
-            "| ratio | why they differ |")
-    lines = ["", head, "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    head = ("| command | images | wall s | start-up s | img/s (wall) | img/s (work) | MFU (work) | component "
+            "| component img/s | ratio | why they differ |")
+    lines = ["", head, "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for name, r in rows.items():
         if "work_s" not in r:
-            lines.append(f"| `vwe {name}` | - | {r['wall_s']} | - | - | - | - | - | - | {r['note']} |")
+            lines.append(f"| `vwe {name}` | - | {r['wall_s']} | - | - | - | - | - | - | - | {r['note']} |")
             continue
+        mfu = f"{100 * r['mfu']:.2f}%" if r.get("mfu") is not None else "-"
         lines.append(f"| `vwe {name}` | {r['images']} | {r['wall_s']} | {r['startup_s']} | {r['wall_img_s']} | "
-                     f"{r['work_img_s']} | {r['component']} | {r['component_img_s'] or '-'} | "
+                     f"{r['work_img_s']} | {mfu} | {r['component']} | {r['component_img_s'] or '-'} | "
                      f"{r.get('ratio', '-')} | {r['note']} |")
     return lines
 
