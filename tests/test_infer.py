@@ -122,3 +122,16 @@ def test_multiscale_cams_flip_and_scales():
     keys, kept = keep_positive(high[0], torch.eye(20)[[3]].sum(0) + torch.eye(20)[[11]].sum(0))
     assert keys.tolist() == [3, 11] and kept.shape == (2, 40, 56)
     assert torch.all(kept.flatten(1).amax(1) <= 1.0) and torch.all(kept >= 0)
+
+
+def test_a_wider_group_window_fills_batches_with_the_same_cams(synthetic_shards, trained, tmp_path):
+    infer(1, synthetic_shards, trained, tmp_path / "narrow")
+    infer(1, synthetic_shards, trained, tmp_path / "wide", "infer.group_window=12", "infer.batch_size=4")
+    narrow, wide = (json.loads((tmp_path / f / "manifest-rank000.json").read_text()) for f in ("narrow", "wide"))
+    assert wide["max_pending_images"] <= 12 and narrow["max_pending_images"] <= 2  # TINY: infer.batch_size=2
+    assert wide["images_per_compute"] > narrow["images_per_compute"], (narrow, wide)
+    a, b = cams(tmp_path / "narrow"), cams(tmp_path / "wide")
+    assert a.keys() == b.keys() and len(a) == 12
+    for key in a:
+        np.testing.assert_allclose(a[key].high_res, b[key].high_res, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a[key].cam, b[key].cam, rtol=1e-4, atol=1e-5)

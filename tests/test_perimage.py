@@ -80,6 +80,7 @@ def test_writes_each_image_once_then_skips_what_is_current(synthetic_shards, tmp
     manifest = json.loads((out / "manifest-rank000.json").read_text())
     assert manifest["written"] == 48 and manifest["already_done"] == 0 and manifest["version"] == "v1"
     assert manifest["max_pending_images"] <= 3 and sorted(manifest["ids"]) == sorted(keys)
+    assert manifest["computes"] == len(work.groups) and manifest["images_per_compute"] == pytest.approx(48 / len(work.groups), abs=1e-3)
     phases = manifest["seconds_by_phase"]
     assert set(phases) == {"data", "compute", "waiting_for_writes"} and min(phases.values()) >= 0
     assert phases["data"] > 0 and sum(phases.values()) <= manifest["seconds"] + 0.01, manifest
@@ -133,6 +134,18 @@ def test_group_batcher_never_holds_more_than_a_batch():
     ready = [g for i, k in enumerate("aabca") for g in batcher.add(k, {"i": i})]
     assert [[s["i"] for s in g] for g in ready] == [[0, 1], [2]]
     assert [[s["i"] for s in g] for g in batcher.drain()] == [[3], [4]] and batcher.max_pending == 2
+
+
+def test_a_wider_window_fills_batches_and_still_bounds_what_waits():
+    keys = "abcabcabcabc"
+    narrow, wide = GroupBatcher(2), GroupBatcher(2, window=6)
+    runs = {name: [g for i, k in enumerate(keys) for g in b.add(k, {"k": k, "i": i})] + list(b.drain())
+            for name, b in (("narrow", narrow), ("wide", wide))}
+    assert [len(g) for g in runs["narrow"]] == [1] * 12  # three sizes in turn: no pair ever meets
+    assert [len(g) for g in runs["wide"]] == [2] * 6 and wide.max_pending <= 6
+    for groups in runs.values():
+        assert sorted(s["i"] for g in groups for s in g) == list(range(12))
+        assert all(len({s["k"] for s in g}) == 1 for g in groups)
 
 
 def test_vwe_infer_on_an_empty_split_exits_2(synthetic_shards, tmp_path):

@@ -112,6 +112,8 @@ class InferConfig:
                                 doc="inference autocast; no (fp32) in the paper configs, auto: bf16 where native "
                                     "(docs/inference.md: what it changes)")
     batch_size: int = _opt(4, min=1, doc="images of equal size per forward (each with its flip)")
+    group_window: int = _opt(0, min=0, doc="images that may wait for others of their size to fill a batch (memory: "
+                                           "that many images at every scale); 0: infer.batch_size")
     num_workers: int = _opt(2, min=0, doc="loader workers per rank for inference")
     legacy_dir: str = _opt("", doc="also export pickled-dict .npy CAMs (IRNet format) into this folder")
 

@@ -1,7 +1,8 @@
 """Multi-scale + flip CAM inference (docs/method.md), each rank on a disjoint part of the split.
 
 Only the CAM path runs (backbone + classifier). Images of equal size are batched with their flips; at
-most infer.batch_size images wait in memory, however many distinct sizes the split has. The per-image
+most infer.group_window (default infer.batch_size) images wait in memory, however many distinct sizes
+the split has. The per-image
 pass (vwe/stages/perimage.py) writes one `<id>.npz` per image, skips images already done with the same
 weights and keeps the manifests.
 """
@@ -144,7 +145,7 @@ class CamWork(ImageWork):
         self.cfg, self.model, self.weights_sha256, self.precision = cfg, model, weights_sha256, precision
         self.device, self.channels_last = device, model_cfg.channels_last
         self.out_dir, self.split, self.data_root = cam_dir_for(cfg), cfg.data.infer_split, cfg.data.root
-        self.batch_size = cfg.infer.batch_size
+        self.batch_size, self.window = cfg.infer.batch_size, cfg.infer.group_window
         self.store = np.float16 if cfg.infer.dtype == "float16" else np.float32
         self.autocast = functools.partial(device_autocast, precision, device)
 

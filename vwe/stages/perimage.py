@@ -55,7 +55,8 @@ class ImageWork:
     name = "pass"            # the command (lock holder, progress, messages)
     what = "output"          # what one file is, in messages
     suffix = ".out"          # the file name is <id><suffix> in out_dir
-    batch_size = 1           # images waiting for one `compute` call, at most
+    batch_size = 1           # images in one `compute` call, at most
+    window = 0               # images that may wait to fill a group (0: batch_size)
     out_dir: Path
     split: str
     data_root: str
@@ -105,15 +106,16 @@ class ImageWork:
 
 
 class GroupBatcher:
-    """Samples waiting for a `compute`, grouped by key, never more than `batch_size` in all.
+    """Samples waiting for a `compute`, grouped by key, never more than `window` (default `batch_size`)
+    in all.
 
     A group runs when it holds `batch_size` samples; a sample that would make the waiting samples exceed
-    `batch_size` first sends the oldest group(s) to run. So memory is bounded by the batch, whatever the
-    number of distinct keys (on VOC nearly every image has its own size).
+    the window first sends the oldest group(s) to run. So memory is bounded by the window, whatever the
+    number of distinct keys (on VOC many images have their own size); a wider window fills more batches.
     """
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int, window: int = 0):
+        self.batch_size, self.window = batch_size, max(window or batch_size, batch_size)
         self.groups: OrderedDict[Hashable, list[dict]] = OrderedDict()  # oldest group first
         self.pending = 0
         self.max_pending = 0
@@ -121,7 +123,7 @@ class GroupBatcher:
     def add(self, key: Hashable, sample: dict) -> list[list[dict]]:
         """Queue one sample; returns the groups to run now, oldest first."""
         ready = []
-        while self.pending + 1 > self.batch_size:
+        while self.pending + 1 > self.window:
             ready.append(self._pop(next(iter(self.groups))))
         self.groups.setdefault(key, []).append(sample)
         self.pending += 1
@@ -196,7 +198,7 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
     written: list[str] = []
     problems: list[str] = []
     skips = SkipPolicy(on_corrupt, what="image")
-    batcher = GroupBatcher(work.batch_size)
+    batcher = GroupBatcher(work.batch_size, work.window)
     progress = Progress(f"{work.name} rank {rank}", total=len(expected), enabled=state.is_main_process)
     start = time.perf_counter()
 
@@ -209,10 +211,14 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
 
     phases = {"data": 0.0, "compute": 0.0}  # this rank's seconds waiting for samples and computing
 
+    computes = 0  # compute calls: written / computes is how full the batches were
+
     def run(group: list[dict]) -> None:
+        nonlocal computes
         t0 = time.perf_counter()
         outputs = work.compute(group)
         phases["compute"] += time.perf_counter() - t0
+        computes += 1
         by_key = {s["key"]: s for s in group}
         for out in outputs:
             files = [(out_dir / f"{out.key}{work.suffix}", out.data),
@@ -270,7 +276,8 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
     phases["waiting_for_writes"] = writes.waited
     manifest = {"stage": work.name, "rank": rank, "world": world, "split": work.split, **work.manifest(),
                 "seconds": round(seconds, 3), "seconds_by_phase": {k: round(v, 3) for k, v in phases.items()},
-                **counts, "max_pending_images": batcher.max_pending,
+                **counts, "max_pending_images": batcher.max_pending, "computes": computes,
+                "images_per_compute": round(counts["written"] / computes, 3) if computes else None,
                 "skipped": skips.report(), "ids": sorted(written)}
     atomic_write(manifest_dir / f"manifest-rank{rank:03d}.json", json.dumps(manifest, indent=1), f"{work.name} manifest")
     if state.is_main_process:
@@ -281,7 +288,8 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
         print(f"{work.name} on '{work.split}' over {world} process(es): {totals['written']} written, "
               f"{totals['already_done']} already done, {totals['stale_replaced']} replaced -> {out_dir}")
         print(f"{work.name} rank 0: {seconds:.1f} s, of which waiting for samples {phases['data']:.1f} s, "
-              f"computing {phases['compute']:.1f} s, waiting for writes {phases['waiting_for_writes']:.1f} s")
+              f"computing {phases['compute']:.1f} s ({manifest['images_per_compute'] or 0:.1f} images per call), "
+              f"waiting for writes {phases['waiting_for_writes']:.1f} s")
         if skips.total:
             print(skips.summary(f"over {world} process(es)") + "; ids in the manifests")
         work.report([p["totals"] for p in ranks], {**totals, "skips": skips.report()}, seconds, world)
