@@ -7,8 +7,9 @@
 # env: PYTHON; STEPS (suite), PIPELINE_STEPS; SUITE_ARGS (extra overrides); DOC; TEST_TIMEOUT, SUITE_TIMEOUT,
 #      PIPELINE_TIMEOUT; SKIP="tests suite pipeline" (any of them, to run the parts in separate calls);
 #      EVAL_IMAGES=1464: also `vwe bench eval` on that many made-up VOC-sized CAMs (about 3 min of data making);
-#      INFER_IMAGES=1464: also the real `vwe infer` and `vwe evaluate` on that many VOC-sized images, timed,
-#      with the infer pass's split of its time (waiting for samples / computing / waiting for writes);
+#      INFER_IMAGES=1464: also the real `vwe infer` (group window default, then WINDOW, default 32) and
+#      `vwe evaluate` on that many VOC-sized images, timed, with the infer pass's split of its time
+#      (waiting for samples / computing and images per call / waiting for writes);
 #      TINY=1: CPU-sized (configs/demo.yaml shrunk, no doc update), to check the script itself anywhere.
 # Every part runs even if an earlier one fails; the exit status is the first failure's.
 set -uo pipefail
@@ -84,11 +85,14 @@ if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `v
             "output.run_dir=$irun" output.tensorboard=false)
     "$python" -m vwe train "${common[@]}" train.max_steps=1 train.lr=0 train.checkpoint_every=0 >>"$data.log" 2>&1 \
         || fail $?
-    for command in infer evaluate; do
+    # infer at the default group window, then a wider one (fuller batches, the same CAMs), then evaluate
+    for step in "infer infer.group_window=0" "infer infer.group_window=${WINDOW:-32}" "evaluate"; do
+        read -r command setting <<< "$step"
+        [ "$command" != infer ] || rm -rf "$irun/cams"
         start=$(date +%s.%N)
-        "$python" -m vwe "$command" "${common[@]}" >>"$data.log" 2>&1 || fail $?
+        "$python" -m vwe "$command" "${common[@]}" ${setting:+"$setting"} >>"$data.log" 2>&1 || fail $?
         seconds=$(awk "BEGIN { print $(date +%s.%N) - $start }")
-        awk -v c="$command" -v s="$seconds" -v n="$INFER_IMAGES" \
+        awk -v c="$command ${setting:-}" -v s="$seconds" -v n="$INFER_IMAGES" \
             'BEGIN { printf "vwe %s: %d images in %.1f s wall (%.1f img/s, start-up included)\n", c, n, s, n / s }' \
             | tee -a "$out/infer-figures.md"
     done
