@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import run_vwe
 from vwe.data.synthetic import DEFAULT_CLASSES, write_dataset
-from vwe.data.voc import CLASS_NAMES, IGNORE_INDEX, voc_palette
+from vwe.data.voc import CLASS_NAMES, IGNORE_INDEX
+from vwe.formats.labels import voc_palette
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from conftest import REPO, launch_cmd, run_vwe
 from data_helpers import demo_cfg
 from vwe.formats.cams import CamRecord, write_cam
 from vwe.data.loader import infer_samples
-from vwe.data.voc import voc_palette
+from vwe.formats.labels import voc_palette
 
 try:
     import pydensecrf.densecrf  # noqa: F401

@@ -90,7 +90,7 @@ class _TrainStream(IterableDataset):
                  start: int, stop: int | None, per_epoch: int, batch: int,
                  seg_scales: tuple[float, ...] | None = None, irn: tuple[float, float] | None = None):
         self.d, self.index, self.seg_scales, self.irn = data, index, seg_scales, irn
-        self.skips = SkipPolicy.from_config(data)  # decides in the workers; the main process records
+        self.skips = SkipPolicy(data.on_corrupt)  # decides in the workers; the main process records
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, epoch
         self.start, self.stop, self.per_epoch, self.batch = start, stop, per_epoch, batch
 
@@ -286,7 +286,7 @@ def train_batches(data: DataConfig, train: TrainConfig, rank: int, world: int, e
         n, first = len(idx.shards), epoch + start_batch // per_epoch
         first_cycle = itertools.islice(_shard_order(n, train.seed, first, rank, world), -(-n // world))
         remember_members(idx, [idx.shards[i] for i in first_cycle])
-    policy = skips if skips is not None else SkipPolicy.from_config(data)
+    policy = skips if skips is not None else SkipPolicy(data.on_corrupt)
     for batch in _run(ds, workers, data.worker_kind):
         for skip in batch["skips"]:
             policy.record(skip)
@@ -304,7 +304,7 @@ class _InferStream(IterableDataset):
         self.flip = infer.flip
         self.resize = data.resize
         self.verify = data.verify_shards
-        self.skips = SkipPolicy.from_config(data, what="image")
+        self.skips = SkipPolicy(data.on_corrupt, what="image")
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vwe.formats.labels import voc_palette
 from vwe.runtime.errors import DataError
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -20,21 +21,6 @@ NUM_CLASSES = 20
 IGNORE_INDEX = 255
 NUM_LABELS = NUM_CLASSES + 1  # label values: background 0, classes 1..20 (255 ignored)
 _CLASS_INDEX = {name: i for i, name in enumerate(CLASS_NAMES)}
-
-
-def voc_palette() -> list[int]:
-    """The 256-entry VOC colour map as a flat [r, g, b, ...] list (index 255 is (224, 224, 192))."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
 
 
 @dataclass(frozen=True)

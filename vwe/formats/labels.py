@@ -10,9 +10,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from vwe.data.voc import voc_palette
-
 SOURCE_KEY = "vwe_source"  # PNG text chunk: what the labels were made from, and how
+
+
+def voc_palette() -> list[int]:
+    """The 256-entry VOC colour map as a flat [r, g, b, ...] list (index 255 is (224, 224, 192))."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
 
 
 def encode_label_png(label: np.ndarray, source: str, palette: bool) -> bytes:

@@ -11,7 +11,8 @@ from vwe.formats.cams import cam_dir_for, read_cam
 from vwe.formats.config import Config
 from vwe.data.loader import infer_samples
 from vwe.data.index import load_index
-from vwe.data.voc import CLASS_NAMES, voc_palette
+from vwe.data.voc import CLASS_NAMES
+from vwe.formats.labels import voc_palette
 from vwe.runtime.errors import DataError
 from vwe.runtime.files import atomic_write
 from vwe.report.miou import cam_to_label, mask_value_problem

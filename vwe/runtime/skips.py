@@ -15,12 +15,9 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from vwe.runtime.errors import DataError
-
-if TYPE_CHECKING:  # annotations only: runtime sits below formats, which imports it
-    from vwe.formats.config import DataConfig
 
 T = TypeVar("T")
 log = logging.getLogger("vwe.runtime.skips")
@@ -54,11 +51,6 @@ class SkipPolicy:
         self._window = 0
         self._unlogged = 0
         self._last_log: float | None = None
-
-    @classmethod
-    def from_config(cls, data: DataConfig, what: str = "sample") -> SkipPolicy:
-        """The policy data.on_corrupt asks for, naming skipped items `what` in its messages."""
-        return cls(data.on_corrupt, what=what)
 
     @property
     def skipping(self) -> bool:

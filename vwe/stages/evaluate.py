@@ -92,7 +92,7 @@ def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: n
     hist = np.zeros((NUM_LABELS, NUM_LABELS, len(thresholds) + 1), np.int64)
     missing, bad = [], []
     by_weights: dict[str, list[str]] = defaultdict(list)
-    skips = SkipPolicy.from_config(cfg.data, what="sample")
+    skips = SkipPolicy(cfg.data.on_corrupt, what="sample")
     idx = load_index(cfg.data.root, cfg.data.infer_split)
     shard_of = {k: s.name for s in idx.shards for k in s.keys}
     lo, hi = infer_ranges(idx.num_samples, world)[rank]
@@ -160,7 +160,7 @@ def evaluate(cfg: Config, sweep: bool = False) -> int:
     confs = confusions_from_histogram(hist)
     if not state.is_main_process:
         return 0
-    skips = SkipPolicy.from_config(cfg.data, what="sample")
+    skips = SkipPolicy(cfg.data.on_corrupt, what="sample")
     skips.merge(p["skips"] for p in ranks)
     report = _report(cfg, confs, thresholds, bkg, missing, weights, sum(p["scored"] for p in ranks),
                      time.perf_counter() - start, state.num_processes)

@@ -63,7 +63,7 @@ class Trainer:
                 self.logger.print(line)
         if resumed:
             self.logger.print(f"resumed from {resumed.path} at step {self.state.step} (epoch {self.state.epoch})")
-        self.skips = SkipPolicy.from_config(cfg.data)  # corrupt samples this rank skipped (data.on_corrupt)
+        self.skips = SkipPolicy(cfg.data.on_corrupt)  # corrupt samples this rank skipped (data.on_corrupt)
         self._epoch_skips = 0  # all ranks' skipped samples this epoch
         self._data_cpu_s = 0.0  # this rank's loader CPU time (decode + augmentation) this launch
         self.preempt = PreemptionFlag().install()
