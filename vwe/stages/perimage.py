@@ -162,6 +162,10 @@ def run_per_image(work: ImageWork, run_dir: str | Path, on_corrupt: str, max_lis
             lock.release()
 
 
+def _per_call(images_per_compute: float | None) -> str:
+    return "nothing to compute" if images_per_compute is None else f"{images_per_compute:.1f} images per call"
+
+
 def _timed(samples: Iterator[dict], phases: dict[str, float]) -> Iterator[dict]:
     """`samples`, adding the time spent waiting for each to phases["data"]."""
     it = iter(samples)
@@ -288,7 +292,7 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
         print(f"{work.name} on '{work.split}' over {world} process(es): {totals['written']} written, "
               f"{totals['already_done']} already done, {totals['stale_replaced']} replaced -> {out_dir}")
         print(f"{work.name} rank 0: {seconds:.1f} s, of which waiting for samples {phases['data']:.1f} s, "
-              f"computing {phases['compute']:.1f} s ({manifest['images_per_compute'] or 0:.1f} images per call), "
+              f"computing {phases['compute']:.1f} s ({_per_call(manifest['images_per_compute'])}), "
               f"waiting for writes {phases['waiting_for_writes']:.1f} s")
         if skips.total:
             print(skips.summary(f"over {world} process(es)") + "; ids in the manifests")
