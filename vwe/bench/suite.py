@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -250,43 +251,43 @@ def _image_pixels(cfg: Config, root: str, split: str) -> float:
     return sum(h * w for h, w in hw) / max(1, len(hw))
 
 
-def _component(name: str, results: dict, precision: str | None) -> tuple[float | None, float | None, str, str]:
-    """(img/s, pixels per image or None for training crops, what, results key) of the component benchmark
-    that times what command `name` does, in the command's precision where there is a choice."""
+class Component(NamedTuple):
+    """The component benchmark that times what a command does: img/s, pixels per image (None for training
+    crops), what it is, its key in the results, and its MFU (FLOPs counted once, torch.utils.flop_counter)."""
+    img_s: float | None
+    pixels: float | None
+    what: str
+    key: str = ""
+    mfu: float | None = None
+
+
+def _component(name: str, results: dict, precision: str | None) -> Component:
+    """The component of command `name`, in the command's precision where there is a choice."""
     if name == "train":
         for key in ("train_fp32", "train_auto"):
             v = results[key]["variants"][0]
             if v["mixed_precision"] == precision:
-                return v["img_per_s"], None, f"bench train ({precision})", key
-        return None, None, f"no training benchmark in {precision}", ""
+                return Component(v["img_per_s"], None, f"bench train ({precision})", key, v.get("mfu"))
+        return Component(None, None, f"no training benchmark in {precision}")
     if name == "infer":
         for key in ("infer_fp32", "infer_auto"):
             f = results[key]
             if f["mixed_precision"] == precision:
                 h, w = f["image_size"]
-                return f["vwe_img_s"], h * w, f"bench infer ({precision})", key
-        return None, None, f"no inference benchmark in {precision}", ""
+                return Component(f["vwe_img_s"], h * w, f"bench infer ({precision})", key, f.get("vwe_mfu"))
+        return Component(None, None, f"no inference benchmark in {precision}")
     if name == "evaluate":
         e = results["eval"]
-        return round(e["images"] / e["single_seconds"], 2), e.get("pixels_per_image"), "bench eval", "eval"
+        return Component(round(e["images"] / e["single_seconds"], 2), e.get("pixels_per_image"), "bench eval", "eval")
     if name in ("segment", "segment-eval") and "seg" in results:
         from vwe.bench.seg import VOC_SIZES
         if name == "segment":
-            return results["seg"]["training"]["img_per_s"], None, "bench seg (training)", "seg"
+            t = results["seg"]["training"]
+            return Component(t["img_per_s"], None, "bench seg (training)", "seg", t.get("mfu"))
+        p = results["seg"]["prediction"]
         pixels = sum(h * w for h, w in VOC_SIZES) / len(VOC_SIZES)
-        return results["seg"]["prediction"]["img_per_s"], pixels, "bench seg (prediction)", "seg"
-    return None, None, "no component benchmark", ""
-
-
-def _component_mfu(name: str, results: dict, key: str) -> float | None:
-    """The MFU its component benchmark measured (FLOPs counted once, torch.utils.flop_counter), or None."""
-    if name == "train":
-        return results[key]["variants"][0].get("mfu")
-    if name == "infer":
-        return results[key].get("vwe_mfu")
-    if name in ("segment", "segment-eval"):
-        return results["seg"]["training" if name == "segment" else "prediction"].get("mfu")
-    return None
+        return Component(p["img_per_s"], pixels, "bench seg (prediction)", "seg", p.get("mfu"))
+    return Component(None, None, "no component benchmark")
 
 
 def command_rows(commands: dict, results: dict, pixels: float) -> dict:
@@ -300,19 +301,18 @@ def command_rows(commands: dict, results: dict, pixels: float) -> dict:
             continue
         training = name in ("train", "segment")
         work_rate = c["steady_img_s"] if training and c.get("steady_img_s") else c["images"] / max(c["work_s"], 1e-9)
-        comp, comp_pixels, what, key = _component(name, results, c.get("mixed_precision"))
+        comp = _component(name, results, c.get("mixed_precision"))
         row = {**c, "startup_s": round(c["wall_s"] - c["work_s"], 2), "wall_img_s": round(c["images"] / c["wall_s"], 3),
-               "work_img_s": round(work_rate, 3), "component": what,
-               "component_img_s": None if comp is None else round(comp, 3),
-               "pixels_per_image": None if training else round(pixels), "component_pixels": comp_pixels,
-               "component_load_avg": results.get(key, {}).get("load_avg")}
-        if comp:
-            scale = pixels / comp_pixels if comp_pixels and not training else 1.0
-            row["ratio"] = round(work_rate * scale / comp, 3)
+               "work_img_s": round(work_rate, 3), "component": comp.what,
+               "component_img_s": None if comp.img_s is None else round(comp.img_s, 3),
+               "pixels_per_image": None if training else round(pixels), "component_pixels": comp.pixels,
+               "component_load_avg": results.get(comp.key, {}).get("load_avg")}
+        if comp.img_s:
+            scale = pixels / comp.pixels if comp.pixels and not training else 1.0
+            row["ratio"] = round(work_rate * scale / comp.img_s, 3)
             # the same network, precision and work per pixel (or per crop) as the component: its FLOPs at
             # the command's rate
-            mfu = _component_mfu(name, results, key)
-            row["mfu"] = None if mfu is None else round(mfu * row["ratio"], 5)
+            row["mfu"] = None if comp.mfu is None else round(comp.mfu * row["ratio"], 5)
         row["note"] = _why(name, row, results)
         rows[name] = row
     return rows

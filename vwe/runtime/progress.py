@@ -1,4 +1,5 @@
-"""Progress of a long per-image pass: a tqdm bar on a terminal, plain timestamped-friendly lines otherwise.
+"""Progress of a long per-image pass: a tqdm bar on a terminal, plain timestamped-friendly lines otherwise;
+and the time a loop waits for its items.
 
 Redirected output (SLURM logs, `vwe pipeline > log`) must not fill with carriage-return bar frames, so
 when stderr is not a terminal a line is printed every `every_s` seconds and at the end.
@@ -7,9 +8,24 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import TextIO, TypeVar
 
 from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def timed_waits(items: Iterable[T], add: Callable[[float], None]) -> Iterator[T]:
+    """`items`, calling add(seconds) with the time spent waiting for each (a loader's share of a loop)."""
+    it = iter(items)
+    while True:
+        t0 = time.perf_counter()
+        item = next(it, None)
+        add(time.perf_counter() - t0)
+        if item is None:
+            return
+        yield item
 
 
 class Progress:

@@ -2,9 +2,8 @@
 
 Only the CAM path runs (backbone + classifier). Images of equal size are batched with their flips; at
 most infer.group_window (default infer.batch_size) images wait in memory, however many distinct sizes
-the split has. The per-image
-pass (vwe/stages/perimage.py) writes one `<id>.npz` per image, skips images already done with the same
-weights and keeps the manifests.
+the split has. The per-image pass (vwe/stages/perimage.py) writes one `<id>.npz` per image, skips images
+already done with the same weights and keeps the manifests.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ from vwe.runtime.errors import DataError, problem_list
 from vwe.runtime.files import WriteQueue, atomic_write
 from vwe.runtime.lock import RunLock
 from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
-from vwe.runtime.progress import Progress
+from vwe.runtime.progress import Progress, timed_waits
 from vwe.runtime.skips import SkipPolicy, unseen_after
 
 Data = bytes | str | Callable[[BinaryIO], None]
@@ -166,18 +166,6 @@ def _per_call(images_per_compute: float | None) -> str:
     return "nothing to compute" if images_per_compute is None else f"{images_per_compute:.1f} images per call"
 
 
-def _timed(samples: Iterator[dict], phases: dict[str, float]) -> Iterator[dict]:
-    """`samples`, adding the time spent waiting for each to phases["data"]."""
-    it = iter(samples)
-    while True:
-        t0 = time.perf_counter()
-        sample = next(it, None)
-        phases["data"] += time.perf_counter() - t0
-        if sample is None:
-            return
-        yield sample
-
-
 def _expected_keys(work: ImageWork, rank: int, world: int) -> tuple[list[str], int]:
     idx = load_index(work.data_root, work.split)
     if idx.num_samples == 0:
@@ -215,6 +203,9 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
 
     phases = {"data": 0.0, "compute": 0.0}  # this rank's seconds waiting for samples and computing
 
+    def waited(seconds: float) -> None:
+        phases["data"] += seconds
+
     computes = 0  # compute calls: written / computes is how full the batches were
 
     def run(group: list[dict]) -> None:
@@ -230,7 +221,7 @@ def _run(work: ImageWork, state, on_corrupt: str, max_listed: int, preempt: Pree
             writes.submit(files, work.what, functools.partial(wrote, by_key[out.key], out))
 
     try:
-        for sample in _timed(unseen_after(work.samples(rank, world, skips), expected, skips), phases):
+        for sample in timed_waits(unseen_after(work.samples(rank, world, skips), expected, skips), waited):
             if preempt.requested:
                 break
             try:

@@ -10,7 +10,6 @@ into the next); an epoch ends after its count of micro-batches.
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -21,6 +20,7 @@ from accelerate.utils import set_seed
 from vwe.formats.config import Config, save_config
 from vwe.runtime.dist import collective_call, gather_objects, sum_over_ranks
 from vwe.runtime.preempt import PREEMPT_EXIT_CODE, PreemptionFlag
+from vwe.runtime.progress import timed_waits
 from vwe.runtime.lock import RunLock
 from vwe.runtime.skips import SkipPolicy
 from vwe.training.checkpointer import CheckpointManager, training_data
@@ -122,11 +122,7 @@ class Trainer:
         stream = self.recipe.batches(self.cfg, self.accelerator.process_index, self.accelerator.num_processes,
                                      self.state.epoch, self.state.micro, self.skips)
         with closing(stream):
-            while True:
-                t0 = time.perf_counter()
-                batch = next(stream)
-                self.logger.waited(time.perf_counter() - t0)
-                yield batch
+            yield from timed_waits(stream, self.logger.waited)
 
     def _agree(self) -> tuple[bool, bool]:
         """One all-reduce per step: non-finite loss anywhere, a preemption signal anywhere, skips summed."""
