@@ -108,7 +108,7 @@ if [[ $skip != *" pipeline "* ]]; then
     # CAMs, CRF labels and predictions of the val split (16 images): the CRF is CPU work, one process here
     timeout "${PIPELINE_TIMEOUT:-300}" "$python" -m vwe pipeline --config "$config" --until segment "${sizes[@]}" \
         "data.root=$shards" data.train_split=train data.infer_split=val "output.run_dir=$run" output.tensorboard=false \
-        "train.max_steps=$pipeline_steps" train.checkpoint_every=0 train.lr=0 \
+        "train.max_steps=$pipeline_steps" train.checkpoint_every=0 train.lr=0 train.log_every=1 \
         "seg.max_steps=$pipeline_steps" seg.checkpoint_every=0 seg.lr=0 seg.train_split=val_pseudo \
         >"$out/pipeline.log" 2>&1 || { rc=$?; tail -20 "$out/pipeline.log" >&2; fail $rc; }
     wall=$(awk "BEGIN { print $(date +%s.%N) - $start }")

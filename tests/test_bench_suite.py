@@ -69,3 +69,15 @@ def test_bench_infer_compares_the_compiled_cam_network(tmp_path):
     proc = run_vwe("bench", "infer", "--config", str(REPO / "configs" / "demo.yaml"), "--compare", "checkpointing",
                    check=False)
     assert proc.returncode == 2 and "--compare takes only 'compile'" in proc.stderr
+
+
+def test_epoch_starts_compares_the_steps_that_open_an_epoch_with_the_others(tmp_path):
+    from vwe.bench.suite import epoch_starts
+    metrics = tmp_path / "metrics.jsonl"
+    rates = [(0, 50.0), (0, 100.0), (0, 98.0), (1, 60.0), (1, 101.0), (1, 99.0), (2, 70.0), (2, 102.0)]
+    metrics.write_text("".join(json.dumps({"step": i + 1, "epoch": e, "images_per_s": r}) + "\n"
+                               for i, (e, r) in enumerate(rates)))
+    # the run's first record (start-up) counts as neither
+    assert epoch_starts(metrics) == {"epoch_starts": 2, "epoch_start_img_s": 70.0, "other_steps_img_s": 100.0}
+    metrics.write_text("".join(json.dumps({"step": i, "epoch": 0, "images_per_s": 9.0}) + "\n" for i in range(4)))
+    assert epoch_starts(metrics) is None  # no epoch end crossed

@@ -204,6 +204,22 @@ def _steady(metrics: Path, key: str) -> float | None:
     return values[len(values) // 2] if values else None
 
 
+def epoch_starts(metrics: Path) -> dict | None:
+    """Median img/s of the records that open an epoch (after the run's first) and of the others after the
+    first record: with train.log_every=1, the first step of an epoch against the rest (a loader that
+    restarted its workers at epoch ends shows here). None when the run crossed no epoch end."""
+    if not metrics.is_file():
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    starts, rest = [], []
+    for before, r in zip(records, records[1:]):
+        (starts if r["epoch"] != before["epoch"] else rest).append(r["images_per_s"])
+    if not starts or not rest:
+        return None
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"epoch_starts": len(starts), "epoch_start_img_s": median(starts), "other_steps_img_s": median(rest)}
+
+
 def _training_record(folder: Path) -> dict | None:
     summary = _json(folder / "summary.json")
     if summary is None:
@@ -211,7 +227,8 @@ def _training_record(folder: Path) -> dict | None:
     metrics = folder / "metrics.jsonl"
     return {"images": summary["samples_seen"], "work_s": summary["seconds_this_run"],
             "steps": summary["steps_this_run"], "steady_img_s": _steady(metrics, "images_per_s"),
-            "data_wait": _steady(metrics, "data_wait_fraction"), "mixed_precision": summary["mixed_precision"]}
+            "data_wait": _steady(metrics, "data_wait_fraction"), "mixed_precision": summary["mixed_precision"],
+            **(epoch_starts(metrics) or {})}
 
 
 def _pass_record(manifests: list[Path], report: Path | None = None) -> dict | None:
@@ -464,6 +481,12 @@ def stage_table(run_dir: Path, wall_s: float | None = None) -> str:
     if wall_s is not None:
         lines.append(f"| the rest (start-up, loading, label split) | | {wall_s - work:.2f} | |")
         lines.append(f"| wall | | {wall_s:.2f} | |")
+    for name, r in records.items():
+        if "epoch_starts" in r:
+            lines.append(f"\n{name}: the first step of an epoch at {r['epoch_start_img_s']} img/s "
+                         f"(median of {r['epoch_starts']} epoch starts), the other steps at {r['other_steps_img_s']} "
+                         f"img/s (ratio {r['epoch_start_img_s'] / r['other_steps_img_s']:.2f}; per logged step: "
+                         f"train.log_every)")
     return "\n".join(lines) + "\n"
 
 
