@@ -135,3 +135,15 @@ def test_a_wider_group_window_fills_batches_with_the_same_cams(synthetic_shards,
     for key in a:
         np.testing.assert_allclose(a[key].high_res, b[key].high_res, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(a[key].cam, b[key].cam, rtol=1e-4, atol=1e-5)
+
+
+def test_scales_made_on_the_device_give_the_loaders_cams(synthetic_shards, trained, tmp_path):
+    infer(1, synthetic_shards, trained, tmp_path / "loader", "infer.resize_on=loader")
+    infer(1, synthetic_shards, trained, tmp_path / "device", "infer.resize_on=device")
+    manifests = {f: json.loads((tmp_path / f / "manifest-rank000.json").read_text()) for f in ("loader", "device")}
+    assert {f: m["resize_on"] for f, m in manifests.items()} == {"loader": "loader", "device": "device"}
+    a, b = cams(tmp_path / "loader"), cams(tmp_path / "device")
+    assert a.keys() == b.keys() and len(a) == 12
+    for key in a:  # the same pixels in the same batches: the same numbers
+        np.testing.assert_array_equal(a[key].high_res, b[key].high_res)
+        np.testing.assert_array_equal(a[key].cam, b[key].cam)

@@ -113,7 +113,11 @@ class InferConfig:
                                     "(docs/inference.md: what it changes)")
     batch_size: int = _opt(4, min=1, doc="images of equal size per forward (each with its flip)")
     group_window: int = _opt(0, min=0, doc="images that may wait for others of their size to fill a batch (memory: "
-                                           "that many images at every scale); 0: infer.batch_size")
+                                           "that many images, at every scale unless resized on the device); "
+                                           "0: infer.batch_size")
+    resize_on: str = _opt("auto", choices=("auto", "loader", "device"),
+                          doc="where the scales are made: the loader's workers, or the device from the decoded "
+                              "image (the same pixels, bit for bit); auto: the device on a GPU, else the loader")
     num_workers: int = _opt(2, min=0, doc="loader workers per rank for inference")
     legacy_dir: str = _opt("", doc="also export pickled-dict .npy CAMs (IRNet format) into this folder")
 

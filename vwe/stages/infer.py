@@ -2,7 +2,8 @@
 
 Only the CAM path runs (backbone + classifier). Images of equal size are batched with their flips; at
 most infer.group_window (default infer.batch_size) images wait in memory, however many distinct sizes
-the split has. The per-image pass (vwe/stages/perimage.py) writes one `<id>.npz` per image, skips images
+the split has. The scales are made by the loader, or (infer.resize_on) on the device from the decoded
+image, with the same pixels. The per-image pass (vwe/stages/perimage.py) writes one `<id>.npz` per image, skips images
 already done with the same weights and keeps the manifests.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from vwe.data.loader import infer_samples
-from vwe.data.transforms import normalize
+from vwe.data.resample import resize_exact
+from vwe.data.transforms import normalize, scaled_size
 from vwe.formats.cams import CamRecord, cam_dir_for, cam_writer, export_legacy, read_cam
 from vwe.formats.checkpoint import FINAL_WEIGHTS_NAME, META, check_compatible, load_weights, read_meta
 from vwe.formats.config import Config, ModelConfig, config_from_dict
@@ -127,6 +129,18 @@ def multiscale_cams(model: torch.nn.Module, scales: list[torch.Tensor], size: tu
     return high, strided
 
 
+def device_scales(images: torch.Tensor, scales: list[float], flip: bool, mode: str) -> list[torch.Tensor]:
+    """What the loader makes at each scale (`resize_pair`), made where `images` (uint8 (N, 3, H, W), one
+    size) are: per scale, the N resized images, then (with flip) their N mirrors. The same pixels as the
+    loader's, bit for bit (vwe/data/resample.py)."""
+    h, w = images.shape[-2:]
+    out = []
+    for s in scales:
+        x = resize_exact(images, scaled_size(w, h, s), mode)
+        out.append(torch.cat([x, x.flip(-1)]) if flip else x)
+    return out
+
+
 def keep_positive(cam: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     """Channels of the positive classes, each divided by its own maximum + 1e-5."""
     keys = torch.nonzero(labels > 0.5).flatten()
@@ -147,9 +161,12 @@ class CamWork(ImageWork):
         self.batch_size, self.window = cfg.infer.batch_size, cfg.infer.group_window
         self.store = np.float16 if cfg.infer.dtype == "float16" else np.float32
         self.autocast = functools.partial(device_autocast, precision, device)
+        resize_on = cfg.infer.resize_on
+        self.resize_on = resize_on if resize_on != "auto" else ("device" if device.type == "cuda" else "loader")
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
-        return infer_samples(self.cfg.data, self.cfg.infer, rank, world, skips=skips)
+        return infer_samples(self.cfg.data, self.cfg.infer, rank, world, skips=skips,
+                             with_scales=self.resize_on == "loader")
 
     def batch_key(self, sample: dict) -> tuple[int, int]:
         return tuple(sample["image"].shape[-2:])
@@ -161,9 +178,13 @@ class CamWork(ImageWork):
         flip = self.cfg.infer.flip
         size = tuple(group[0]["image"].shape[-2:])
         # per scale: the group's images, then (with infer.flip) their flips
-        per_scale = [torch.cat([s["scales"][i][0:1] for s in group] +
-                               ([s["scales"][i][1:2] for s in group] if flip else []))
-                     for i in range(len(group[0]["scales"]))]
+        if self.resize_on == "device":
+            images = torch.stack([s["image"] for s in group]).to(self.device, non_blocking=True)
+            per_scale = device_scales(images, self.cfg.infer.scales, flip, self.cfg.data.resize)
+        else:
+            per_scale = [torch.cat([s["scales"][i][0:1] for s in group] +
+                                   ([s["scales"][i][1:2] for s in group] if flip else []))
+                         for i in range(len(group[0]["scales"]))]
         high, strided = multiscale_cams(self.model, per_scale, size, self.device, self.channels_last,
                                         self.autocast, flip)
         if not (torch.isfinite(high).all() and torch.isfinite(strided).all()):
@@ -182,7 +203,7 @@ class CamWork(ImageWork):
 
     def manifest(self) -> dict:
         return {"weights": str(weights_path(self.cfg)), "weights_sha256": self.weights_sha256,
-                "mixed_precision": self.precision}
+                "mixed_precision": self.precision, "resize_on": self.resize_on}
 
     def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
         if self.cfg.infer.legacy_dir:
