@@ -7,9 +7,11 @@
 # env: PYTHON; STEPS (suite), PIPELINE_STEPS; SUITE_ARGS (extra overrides); DOC; TEST_TIMEOUT, SUITE_TIMEOUT,
 #      PIPELINE_TIMEOUT; SKIP="tests suite pipeline" (any of them, to run the parts in separate calls);
 #      EVAL_IMAGES=1464: also `vwe bench eval` on that many made-up VOC-sized CAMs (about 3 min of data making);
-#      INFER_IMAGES=1464: also the real `vwe infer` (group window default, then WINDOW, default 32) and
-#      `vwe evaluate` on that many VOC-sized images, timed, with the infer pass's split of its time
-#      (waiting for samples / computing and images per call / waiting for writes);
+#      INFER_IMAGES=1464: also the device's cost of new image sizes (`vwe bench infer --compare sizes`,
+#      SIZES_IMAGES sizes, default 16), the real `vwe infer` (scales made on the device at the default group
+#      window, then at WINDOW, default 32, then made by the loader) and `vwe evaluate` on that many
+#      VOC-sized images, timed, with the infer pass's split of its time (waiting for samples / computing
+#      and images per call / waiting for writes);
 #      TINY=1: CPU-sized (configs/demo.yaml shrunk, no doc update), to check the script itself anywhere.
 # Every part runs even if an earlier one fails; the exit status is the first failure's.
 set -uo pipefail
@@ -85,8 +87,13 @@ if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `v
             "output.run_dir=$irun" output.tensorboard=false)
     "$python" -m vwe train "${common[@]}" train.max_steps=1 train.lr=0 train.checkpoint_every=0 >>"$data.log" 2>&1 \
         || fail $?
-    # infer at the default group window, then a wider one (fuller batches, the same CAMs), then evaluate
-    for step in "infer infer.group_window=0" "infer infer.group_window=${WINDOW:-32}" "evaluate"; do
+    # the device alone: a repeated image size against sizes met for the first time (what a new shape costs)
+    "$python" -m vwe bench infer --config "$config" "${sizes[@]}" --compare sizes --steps "${SIZES_IMAGES:-16}" \
+        --json "$out/infer-sizes.json" 2>&1 | tee -a "$out/infer-figures.md" || fail $?
+    # infer with the scales made on the device (auto on a GPU), at the default group window, then a
+    # wider one (fuller batches), then with the loader making the scales (the same CAMs); then evaluate
+    for step in "infer infer.group_window=0" "infer infer.group_window=${WINDOW:-32}" "infer infer.resize_on=loader" \
+                "evaluate"; do
         read -r command setting <<< "$step"
         [ "$command" != infer ] || rm -rf "$irun/cams"
         start=$(date +%s.%N)

@@ -68,7 +68,25 @@ def test_bench_infer_compares_the_compiled_cam_network(tmp_path):
     assert f["compiled_graphs"] == 1 and isinstance(f["gain_pct"], float)  # one graph for every size
     proc = run_vwe("bench", "infer", "--config", str(REPO / "configs" / "demo.yaml"), "--compare", "checkpointing",
                    check=False)
-    assert proc.returncode == 2 and "--compare takes only 'compile'" in proc.stderr
+    assert proc.returncode == 2 and "--compare takes 'compile' or 'sizes'" in proc.stderr
+
+
+def test_bench_infer_times_new_image_sizes_against_a_repeated_one(tmp_path):
+    """`--compare sizes`: the device's seconds per image at one repeated size, at sizes met for the first
+    time and at the same sizes again (the cost of a new shape is the difference)."""
+    from vwe.bench.infer import distinct_sizes
+    sizes = distinct_sizes(40)
+    assert len(set(sizes)) == 40 and (375, 500) not in sizes and all(max(s) == 500 for s in sizes)
+    out = tmp_path / "sizes.json"
+    run_vwe("bench", "infer", "--config", str(REPO / "configs" / "demo.yaml"), "model.backbone=resnet18",
+            "model.pretrained=none", "infer.scales=[0.25, 0.125]", "--compare", "sizes", "--steps", "2",
+            "--json", str(out), timeout=600)
+    f = json.loads(out.read_text())
+    assert f["images"] == 2 and f["scales"] == [0.25, 0.125] and f["flip"] is True
+    for key in ("repeated_size_s_per_image", "new_sizes_first_s_per_image", "new_sizes_again_s_per_image"):
+        assert f[key] > 0, f
+    assert f["new_shape_cost_s_per_image"] == round(f["new_sizes_first_s_per_image"]
+                                                    - f["new_sizes_again_s_per_image"], 4)
 
 
 def test_epoch_starts_compares_the_steps_that_open_an_epoch_with_the_others(tmp_path):

@@ -27,7 +27,7 @@ from vwe.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_pair
 from vwe.runtime.device import autocast as device_autocast, synchronize
 from vwe.runtime.files import atomic_write
 from vwe.runtime.errors import VweError
-from vwe.stages.infer import keep_positive, multiscale_cams
+from vwe.stages.infer import device_scales, keep_positive, multiscale_cams
 from vwe.nets.backbone import FROZEN_NORMS, fold_frozen_bn
 from vwe.bench.train import peak_tflops
 from vwe.nets.cam import build_model
@@ -184,11 +184,65 @@ def compile_comparison(cfg: Config, device: torch.device, rounds: int) -> dict:
             "compiled_graphs": counters["stats"]["unique_graphs"]}
 
 
+def distinct_sizes(n: int) -> list[tuple[int, int]]:
+    """n VOC-like image sizes (h, w), all different: long side 500, short side 250-499, both orientations."""
+    return [(500, 499 - k // 2) if k % 2 else (499 - k // 2, 500) for k in range(n)]
+
+
+def sizes_comparison(cfg: Config, device: torch.device, n: int) -> dict:
+    """Seconds per image on the device (every scale, the image and its flip, one image per forward, as
+    `vwe infer` runs where sizes differ) at one size seen before, over n sizes each met for the first
+    time, then over the same n sizes again. The first pass minus the second is what meeting a new input
+    shape costs (on a GPU, cuDNN builds an execution plan per convolution and shape); the second pass
+    against the repeated size is what the size itself costs. The scales are made beforehand: only the
+    network, the CAM upsampling and one copy to the host per image are timed."""
+    mcfg = _model_config(cfg)
+    torch.manual_seed(0)
+    net, _ = _fast(build_model(mcfg).eval().to(device), mcfg)
+    autocast = functools.partial(device_autocast, cfg.infer.mixed_precision, device)
+    scales, gen = list(cfg.infer.scales), torch.Generator().manual_seed(0)
+
+    def inputs(size: tuple[int, int]) -> list[torch.Tensor]:
+        image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=gen).to(device)
+        return device_scales(image, scales, cfg.infer.flip, cfg.data.resize)
+
+    def one_pass(batches: list[tuple[tuple[int, int], list[torch.Tensor]]]) -> float:
+        """Seconds per image over `batches`, each image's CAMs brought to the host as `vwe infer` does."""
+        def go():
+            for size, per_scale in batches:
+                high, _ = multiscale_cams(net, per_scale, size, device, mcfg.channels_last, autocast,
+                                          cfg.infer.flip)
+                high.cpu()
+        return _timed(device, go) / len(batches)
+
+    same = [((375, 500), inputs((375, 500)))] * n
+    fresh = [(size, inputs(size)) for size in distinct_sizes(n)]
+    one_pass(same[:2])  # the repeated size's first meeting is not part of its figure
+    repeated = one_pass(same)
+    first, second = one_pass(fresh), one_pass(fresh)
+    return {"device": _device_name(device), "threads": torch.get_num_threads(), "backbone": mcfg.backbone,
+            "mixed_precision": cfg.infer.mixed_precision, "scales": scales, "flip": cfg.infer.flip, "images": n,
+            "repeated_size_s_per_image": round(repeated, 4),
+            "new_sizes_first_s_per_image": round(first, 4), "new_sizes_again_s_per_image": round(second, 4),
+            "new_shape_cost_s_per_image": round(first - second, 4)}
+
+
 def run(cfg: Config, args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compare = getattr(args, "compare", None)
-    if compare not in (None, "compile"):
-        raise VweError(f"vwe bench infer --compare takes only 'compile', got {compare!r}")
+    if compare not in (None, "compile", "sizes"):
+        raise VweError(f"vwe bench infer --compare takes 'compile' or 'sizes', got {compare!r}")
+    if compare == "sizes":
+        f = sizes_comparison(cfg, device, n=args.steps or 8)
+        print(f"CAM network on {f['device']} ({f['backbone']}, {f['mixed_precision']}, scales {f['scales']}"
+              f"{' + flips' if f['flip'] else ''}, one image per forward), seconds per image:")
+        print(f"  one size, seen before: {f['repeated_size_s_per_image']}")
+        print(f"  {f['images']} new sizes, first meeting: {f['new_sizes_first_s_per_image']}")
+        print(f"  the same sizes, second meeting: {f['new_sizes_again_s_per_image']}")
+        print(f"  cost of meeting a new size: {f['new_shape_cost_s_per_image']} s per image")
+        if args.json:
+            atomic_write(args.json, json.dumps(f, indent=2))
+        return 0
     if compare == "compile":
         f = compile_comparison(cfg, device, rounds=args.steps or 3)
         print(f"CAM network, eager vs torch.compile (inductor, freezing, dynamic shapes), {f['device']}, "
