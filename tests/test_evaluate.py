@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, launch_cmd, run_vwe
 from vwe.formats.cams import CamRecord, read_cam, write_cam
 from vwe.formats.config import load_config
+from vwe.runtime.errors import DataError
 from vwe.data.loader import infer_samples
 
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -112,6 +113,20 @@ def test_corrupt_and_wrong_shape_cams_are_named(synthetic_shards, gt, tmp_path):
     assert proc.returncode == 2
     assert f"{first}.npz: unreadable" in proc.stderr
     assert f"{second}.npz: size" in proc.stderr and "differs from its mask" in proc.stderr
+
+
+def test_readers_of_high_res_alone_skip_the_strided_cam(tmp_path):
+    """read_cam(strided=False) (evaluation, CAM labels) neither reads nor checks `cam`; the full read does."""
+    high = np.full((1, 8, 12), 0.5, np.float32)
+    write_cam(tmp_path / "a.npz", CamRecord(np.array([4]), np.full((1, 2, 3), np.nan, np.float32), high, "w"))
+    rec = read_cam(tmp_path / "a.npz", strided=False)
+    assert rec.cam is None and rec.keys.tolist() == [4] and np.array_equal(rec.high_res, high)
+    with pytest.raises(DataError, match="non-finite value"):
+        read_cam(tmp_path / "a.npz")
+    bad = np.full((2, 8, 12), np.inf, np.float32)  # what it still checks: high_res
+    write_cam(tmp_path / "b.npz", CamRecord(np.array([4, 5]), np.zeros((2, 2, 3), np.float32), bad, "w"))
+    with pytest.raises(DataError, match="b.npz: 192 non-finite value"):
+        read_cam(tmp_path / "b.npz", strided=False)
 
 
 def test_cams_from_two_checkpoints_are_refused(synthetic_shards, gt, tmp_path):

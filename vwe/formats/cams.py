@@ -26,7 +26,7 @@ OLD_HASH_FIELD = "checkpoint"  # files written before the rename
 @dataclass
 class CamRecord:
     keys: np.ndarray        # (k,) int64 class indices 0..C-1 of the image's positive classes
-    cam: np.ndarray         # (k, ceil(H/4), ceil(W/4))
+    cam: np.ndarray | None  # (k, ceil(H/4), ceil(W/4)); None when read with strided=False
     high_res: np.ndarray    # (k, H, W)
     weights_sha256: str     # SHA-256 of the weights file that produced it
 
@@ -42,17 +42,18 @@ def write_cam(path: Path, record: CamRecord) -> None:
     atomic_write(path, cam_writer(record), "CAM file")
 
 
-def read_cam(path: Path, num_classes: int = 20) -> CamRecord:
+def read_cam(path: Path, num_classes: int = 20, strided: bool = True) -> CamRecord:
     """Read and check one CAM file; DataError naming the file when it is corrupt or inconsistent:
     unreadable, missing arrays, shapes that disagree, class indices outside 0..num_classes-1 or repeated,
-    non-finite scores."""
+    non-finite scores. strided=False neither reads nor checks the strided `cam` (record.cam is None): for
+    readers of high_res alone (evaluation, CAM labels)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             hash_field = HASH_FIELD if HASH_FIELD in z.files else OLD_HASH_FIELD
             missing = [f for f in (*FIELDS, hash_field) if f not in z.files]
             if missing:
                 raise DataError(f"CAM file {path}: missing array(s) {', '.join(missing)}")
-            rec = CamRecord(z["keys"], z["cam"], z["high_res"], str(z[hash_field]))
+            rec = CamRecord(z["keys"], z["cam"] if strided else None, z["high_res"], str(z[hash_field]))
     except DataError:
         raise
     except FileNotFoundError:
@@ -61,24 +62,23 @@ def read_cam(path: Path, num_classes: int = 20) -> CamRecord:
         raise DataError(f"CAM file {path}: unreadable ({e})") from None
     if rec.keys.dtype.kind not in "iu":
         raise DataError(f"CAM file {path}: keys must be integer class indices, got {rec.keys.dtype}")
-    for name in ("cam", "high_res"):
-        if getattr(rec, name).dtype.kind != "f":
+    named = [("cam", rec.cam)] * strided + [("high_res", rec.high_res)]
+    for name, values in named:
+        if values.dtype.kind != "f":
             raise DataError(f"CAM file {path}: '{name}' must hold floating-point scores, got "
-                            f"{getattr(rec, name).dtype}")
-    if rec.keys.ndim != 1 or rec.cam.ndim != 3 or rec.high_res.ndim != 3 or \
-            rec.cam.shape[0] != len(rec.keys) or rec.high_res.shape[0] != len(rec.keys):
-        raise DataError(f"CAM file {path}: inconsistent shapes keys {rec.keys.shape}, cam {rec.cam.shape}, "
-                        f"high_res {rec.high_res.shape}")
+                            f"{values.dtype}")
+    if rec.keys.ndim != 1 or any(v.ndim != 3 or v.shape[0] != len(rec.keys) for _, v in named):
+        raise DataError(f"CAM file {path}: inconsistent shapes keys {rec.keys.shape}, "
+                        + ", ".join(f"{name} {v.shape}" for name, v in named))
     k = len(rec.keys)
     if k and (rec.keys.min() < 0 or rec.keys.max() >= num_classes):
         raise DataError(f"CAM file {path}: class index out of range 0..{num_classes - 1}: {rec.keys.tolist()}")
     if len(np.unique(rec.keys)) != k:
         raise DataError(f"CAM file {path}: a class index appears twice in keys {rec.keys.tolist()}")
     h, w = rec.high_res.shape[1:]
-    if rec.cam.shape[1:] != (-(-h // 4), -(-w // 4)):
+    if strided and rec.cam.shape[1:] != (-(-h // 4), -(-w // 4)):
         raise DataError(f"CAM file {path}: strided cam {rec.cam.shape[1:]} does not match high_res {(h, w)} / 4")
-    for name in ("cam", "high_res"):
-        values = getattr(rec, name)
+    for name, values in named:
         if not np.isfinite(values).all():
             bad = np.argwhere(~np.isfinite(values))
             c, y, x = bad[0]
@@ -87,9 +87,10 @@ def read_cam(path: Path, num_classes: int = 20) -> CamRecord:
     return rec
 
 
-def read_cam_for(path: Path, size: tuple[int, int], against: str = "image", num_classes: int = 20) -> CamRecord:
+def read_cam_for(path: Path, size: tuple[int, int], against: str = "image", num_classes: int = 20,
+                 strided: bool = True) -> CamRecord:
     """read_cam, with the CAM's size checked against its image's (or mask's); DataError naming the file."""
-    rec = read_cam(path, num_classes)
+    rec = read_cam(path, num_classes, strided)
     if rec.high_res.shape[1:] != tuple(size):
         raise DataError(f"CAM file {path}: size {rec.high_res.shape[1:]} differs from its {against} {tuple(size)}")
     return rec

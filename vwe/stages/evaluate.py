@@ -71,7 +71,7 @@ def score_sample(sample: dict, cam_dir: Path, thresholds: np.ndarray, shard_of: 
     if not path.exists():
         return Scored(key, missing=True)
     try:
-        rec = read_cam_for(path, gt.shape, "mask", num_classes=NUM_LABELS - 1)
+        rec = read_cam_for(path, gt.shape, "mask", num_classes=NUM_LABELS - 1, strided=False)
     except DataError as e:
         return Scored(key, problem=str(e))
     return Scored(key, sweep_histogram(rec.high_res, rec.keys, gt, thresholds, NUM_LABELS), rec.weights_sha256)
