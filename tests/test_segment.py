@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, kill_tree, launch_cmd, run_vwe
@@ -99,6 +100,33 @@ def test_two_process_segment_replicas_agree(synthetic_shards, seg_data, tmp_path
     ok(run_seg(2, *seg_args("segment", synthetic_shards, seg_data, run, "seg.max_steps=3")))
     summary = json.loads((run / "seg" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["replicas_identical"] and summary["batches_per_rank"] == [3, 3]
+
+
+def test_fused_micro_batches_train_what_accumulation_trains(synthetic_shards, seg_data, tmp_path):
+    """seg.fuse_micro_batches runs a step's micro-batches as one batch, each scored on its own: the same
+    samples and, with a per-sample norm, the same weights to float tolerance as accumulating them; a norm
+    over the batch is refused, as is a batch the micro-batches do not divide."""
+    # one step in fp32: from scratch on 64 px crops the loss is chaotic after it, and rounding grows
+    per_sample = ["seg.norm=group", "seg.grad_accum=2", "seg.max_steps=1", "seg.mixed_precision=no"]
+    runs = {}
+    for fused in (False, True):
+        runs[fused] = tmp_path / f"fused-{fused}"
+        ok(run_seg(1, *seg_args("segment", synthetic_shards, seg_data, runs[fused], *per_sample,
+                                f"seg.fuse_micro_batches={str(fused).lower()}")))
+    losses = {f: [json.loads(line)["loss/loss"] for line in (r / "seg" / "metrics.jsonl").read_text().splitlines()]
+              for f, r in runs.items()}
+    assert len(losses[True]) == len(losses[False]) == 1
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+    accumulated, fused = final_weights(runs[False] / "seg"), final_weights(runs[True] / "seg")
+    assert accumulated.keys() == fused.keys()
+    for k in fused:
+        torch.testing.assert_close(fused[k], accumulated[k], rtol=1e-4, atol=1e-6, msg=k)
+    proc = run_seg(1, *seg_args("segment", synthetic_shards, seg_data, tmp_path / "bn", "seg.norm=batch",
+                                "seg.grad_accum=2", "seg.fuse_micro_batches=true"))
+    assert proc.returncode == 2 and "seg.fuse_micro_batches: seg.norm=batch" in proc.stderr
+    proc = run_seg(1, *seg_args("segment", synthetic_shards, seg_data, tmp_path / "odd", *per_sample,
+                                "seg.batch_size=6", "seg.grad_accum=4", "seg.fuse_micro_batches=true"))
+    assert proc.returncode == 2 and "seg.batch_size (6) must be divisible" in proc.stderr
 
 
 def test_segment_eval_layout_report_and_rerun(synthetic_shards, seg_data, tmp_path):

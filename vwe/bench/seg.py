@@ -1,8 +1,9 @@
 """`vwe bench seg`: the segmentation network's training steps and predictions (docs/benchmarks.md).
 
-Training: `seg.batch_size` crops of `seg.crop_size` through the Trainer's own setup and `micro_step` with
-the SegRecipe (MSC inputs and losses, the recipe's parameter groups, `seg.mixed_precision`), on synthetic
-uint8 images and label maps. Prediction: `predict_probs` at `seg.test_scales` (+ flip) on VOC-sized images
+Training: optimizer steps as `vwe segment` runs them on one process: `seg.grad_accum` micro-batches of
+`seg.batch_size / seg.grad_accum` crops (or, with `seg.fuse_micro_batches`, one batch of them all) of
+`seg.crop_size` through the Trainer's own setup and `micro_step` with the SegRecipe (MSC inputs and
+losses, the recipe's parameter groups, `seg.mixed_precision`), on synthetic uint8 images and label maps. Prediction: `predict_probs` at `seg.test_scales` (+ flip) on VOC-sized images
 (long side 500, three aspect ratios), one image per forward as `vwe segment-eval` runs it.
 MFU = FLOPs counted once with torch.utils.flop_counter / time / the device's peak (vwe bench train).
 """
@@ -34,17 +35,19 @@ def _flops(fn) -> float:
 
 def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
     """Seconds per optimizer step, img/s, peak memory and MFU of DeepLab training steps."""
+    from vwe.data.loader import micro_batch_size
     from vwe.stages.segment import SegRecipe, seg_training_config
     from vwe.training.setup import build_parts, make_accelerator
     from vwe.training.step import micro_step
 
-    tcfg = seg_training_config(cfg)
-    tcfg = dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, grad_accum=1, max_steps=warmup + steps))
+    tcfg = seg_training_config(cfg)  # the command's: grad_accum micro-batches, or one fused batch
+    tcfg = dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, max_steps=warmup + steps))
     accelerator = make_accelerator(tcfg)
     device = accelerator.device
     recipe = SegRecipe(cfg)
     parts = build_parts(tcfg, accelerator, recipe, steps_epoch=warmup + steps)
-    b, s = tcfg.train.batch_size, tcfg.data.crop_size
+    accum = tcfg.train.grad_accum
+    b, s = micro_batch_size(tcfg.train, accelerator.num_processes), tcfg.data.crop_size
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen).to(device),
              "target": torch.randint(0, 21, (b, s, s), dtype=torch.uint8, generator=gen)}
@@ -54,21 +57,22 @@ def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
         with autocast(precision, device):
             out = parts.engine(normalize(batch["image"]))
         recipe.losses(parts.net, out, batch, device)["loss"].backward()
-    flops = _flops(forward_backward)
+    flops = _flops(forward_backward) * accum
     parts.optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + steps):
-        if i == warmup:
+    for i in range((warmup + steps) * accum):
+        if i == warmup * accum:
             synchronize(device)
             t0 = time.perf_counter()
         micro_step(parts, batch)
     synchronize(device)
     step = (time.perf_counter() - t0) / steps
     peak = peak_tflops(device, precision)
-    return {"backbone": cfg.seg.backbone, "device": str(device), "mixed_precision": precision, "batch_size": b,
+    return {"backbone": cfg.seg.backbone, "device": str(device), "mixed_precision": precision,
+            "batch_size": b * accum, "micro_batches": accum, "fused": cfg.seg.fuse_micro_batches,
             "crop_size": s, "msc_scales": list(cfg.seg.msc_scales), "steps": steps, "step_s": round(step, 4),
-            "img_per_s": round(b / step, 2), "peak_mem_mib": round(peak_memory_mib(device), 1),
+            "img_per_s": round(b * accum / step, 2), "peak_mem_mib": round(peak_memory_mib(device), 1),
             "gflop_per_step": round(flops / 1e9, 1), "peak_tflops": round(peak, 2),
             "mfu": round(flops / step / (peak * 1e12), 4) if peak else 0.0}
 
@@ -106,7 +110,9 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     steps = args.steps or 5
     figures = {"training": measure_training(cfg, steps), "prediction": measure_prediction(cfg, max(3, steps))}
     t, p = figures["training"], figures["prediction"]
-    print(f"segmentation training ({t['backbone']}, batch {t['batch_size']} x {t['crop_size']}px, MSC "
+    layout = f"{t['micro_batches']} x {t['batch_size'] // t['micro_batches']}" if t["micro_batches"] > 1 else (
+        f"one fused batch of {cfg.seg.grad_accum} micro-batches" if t["fused"] else "one batch")
+    print(f"segmentation training ({t['backbone']}, batch {t['batch_size']} ({layout}) x {t['crop_size']}px, MSC "
           f"{t['msc_scales']}, {t['mixed_precision']}, {t['device']}): {t['img_per_s']} img/s, {t['step_s']} s/step, "
           f"{t['gflop_per_step']} GFLOP/step, MFU {100 * t['mfu']:.1f}%, peak {t['peak_mem_mib']} MiB")
     print(f"segmentation prediction (scales {p['test_scales']}{', flip' if p['test_flip'] else ''}, "

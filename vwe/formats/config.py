@@ -174,6 +174,10 @@ class SegConfig:
     flip: bool = _opt(True, doc="random horizontal flip in training")
     batch_size: int = _opt(10, min=1, doc="global batch per optimizer step (all processes and accumulation steps)")
     grad_accum: int = _opt(2, min=1, doc="micro-batches accumulated per optimizer step")
+    fuse_micro_batches: bool = _opt(False, doc="run a step's grad_accum micro-batches as one forward and backward, "
+                                               "each one's loss averaged on its own as when accumulated: the same "
+                                               "samples and gradients to float tolerance, larger batches on the "
+                                               "device; needs a per-sample norm (frozen_all, frozen, group)")
     max_steps: int = _opt(20000, min=1, doc="optimizer steps (iterations)")
     lr: float = _opt(2.5e-4, min=0.0, doc="backbone learning rate")
     head_lr_mult: float = _opt(10.0, min=0.0, doc="ASPP weights learn at lr x this")

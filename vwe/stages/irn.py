@@ -207,7 +207,7 @@ class IrnRecipe(Recipe):
     def __init__(self, cfg: Config) -> None:
         self.ic = cfg.irn
 
-    def check(self, cfg: Config) -> None:
+    def check(self, cfg: Config, world: int) -> None:
         check_irn_crop(self.ic)
 
     def build(self, cfg: Config, model_cfg: ModelConfig) -> nn.Module:

@@ -20,6 +20,7 @@ from vwe.data.targets import prepare_targets
 from vwe.formats.config import Config, ModelConfig
 from vwe.nets.deeplab import MSC, build_deeplab, seg_loss, seg_param_groups
 from vwe.runtime.dist import collective_call, distributed_state
+from vwe.runtime.errors import ConfigError
 from vwe.runtime.skips import SkipPolicy
 from vwe.stages.segment_eval import seg_dir
 from vwe.training.recipe import Recipe
@@ -30,6 +31,8 @@ EVAL_KEYS = frozenset({"seg.eval_split", "seg.test_scales", "seg.test_flip", "se
                        "seg.crf_pos_w", "seg.crf_pos_xy_std", "seg.crf_bi_w", "seg.crf_bi_xy_std",
                        "seg.crf_bi_rgb_std", "seg.crf_image", "seg.infer_precision", "seg.eval_batch_size",
                        "seg.weights", "seg.out_dir", "seg.data_root", "seg.checkpoint_every", "seg.train_split"})
+# norms that treat each sample on its own: a step's micro-batches may then run as one batch
+PER_SAMPLE_NORMS = ("frozen_all", "frozen", "group")
 # the derived data section's keys the segmentation loader does not read
 UNUSED_DATA_KEYS = frozenset({"data.long_side", "data.resize", "data.infer_split"})
 
@@ -43,8 +46,13 @@ def seg_training_config(cfg: Config) -> Config:
     """The config the segmentation run trains with: the seg recipe in the train/data sections, the stage's
     folder as run_dir, and a constant model section (the CAM network's does not apply)."""
     sc = cfg.seg
+    if sc.fuse_micro_batches and sc.norm not in PER_SAMPLE_NORMS:
+        raise ConfigError(f"seg.fuse_micro_batches: seg.norm={sc.norm} normalises over the batch, so one batch of "
+                          f"{sc.grad_accum} micro-batches would compute something else; use one of "
+                          f"{', '.join(PER_SAMPLE_NORMS)}, or fuse_micro_batches false")
     train_cfg = dataclasses.replace(
-        cfg.train, epochs=1, max_steps=sc.max_steps, batch_size=sc.batch_size, grad_accum=sc.grad_accum, lr=sc.lr,
+        cfg.train, epochs=1, max_steps=sc.max_steps, batch_size=sc.batch_size,
+        grad_accum=1 if sc.fuse_micro_batches else sc.grad_accum, lr=sc.lr,
         head_lr_mult=sc.head_lr_mult, momentum=sc.momentum, weight_decay=sc.weight_decay, poly_power=sc.poly_power,
         mixed_precision=sc.mixed_precision, compile=False, checkpoint_every=sc.checkpoint_every, resume="auto")
     data_cfg = dataclasses.replace(cfg.data, root=seg_data_root(cfg), train_split=sc.train_split,
@@ -64,6 +72,13 @@ class SegRecipe(Recipe):
     def __init__(self, cfg: Config) -> None:
         self.sc = cfg.seg
         self.schedule_every = cfg.seg.lr_every
+        # fused: each batch holds a step's micro-batches, each scored on its own (as accumulation would)
+        self.chunks = cfg.seg.grad_accum if cfg.seg.fuse_micro_batches else 1
+
+    def check(self, cfg: Config, world: int) -> None:
+        if self.chunks > 1 and cfg.train.batch_size % (world * self.chunks):
+            raise ConfigError(f"seg.batch_size ({cfg.train.batch_size}) must be divisible by {world} process(es) x "
+                              f"seg.grad_accum ({self.chunks}), fused or not")
 
     def build(self, cfg: Config, model_cfg: ModelConfig) -> nn.Module:
         sc = self.sc
@@ -76,7 +91,12 @@ class SegRecipe(Recipe):
                                 self.sc.head_bias_lr_mult)
 
     def losses(self, net: nn.Module, out, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"loss": seg_loss(out, batch["target"].long())}
+        target = batch["target"].long()
+        if self.chunks == 1:
+            return {"loss": seg_loss(out, target)}
+        # the loader's batch j is micro-batches j*K .. j*K+K-1 of the unfused run, in order
+        parts = zip(zip(*(o.chunk(self.chunks) for o in out)), target.chunk(self.chunks))
+        return {"loss": sum(seg_loss(list(o), t) for o, t in parts) / self.chunks}
 
     def batches(self, cfg: Config, rank: int, world: int, epoch: int, start_batch: int,
                 skips: SkipPolicy) -> Iterator[dict]:

@@ -24,8 +24,8 @@ class Recipe:
     neutral: frozenset[str] = frozenset()     # keys of those sections that do not change the result
     schedule_every = 1                        # optimizer steps between learning-rate updates
 
-    def check(self, cfg: Config) -> None:
-        """Refusals that need no model yet (before anything is built or written)."""
+    def check(self, cfg: Config, world: int) -> None:
+        """Refusals that need no model yet (before anything is built or written); `world` processes."""
 
     def build(self, cfg: Config, model_cfg: ModelConfig) -> nn.Module:
         raise NotImplementedError
@@ -47,7 +47,7 @@ class Recipe:
 class CamRecipe(Recipe):
     """The visual-word CAM network on image-level labels (docs/method.md)."""
 
-    def check(self, cfg: Config) -> None:
+    def check(self, cfg: Config, world: int) -> None:
         check_pyramid_fits(cfg)
 
     def build(self, cfg: Config, model_cfg: ModelConfig) -> nn.Module:

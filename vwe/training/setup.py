@@ -167,8 +167,8 @@ def build_parts(cfg: Config, accelerator: Accelerator, recipe: Recipe | None = N
     """The recipe's network (the CAM network by default), SGD over its parameter groups and the poly
     schedule at step 0, prepared by Accelerate. `steps_epoch` defaults to the training split's (from its index)."""
     recipe = recipe or CamRecipe()
-    recipe.check(cfg)
     world = accelerator.num_processes
+    recipe.check(cfg, world)
     micro_batch = micro_batch_size(cfg.train, world)
     model_cfg = built_model_config(cfg, accelerator)
     model = recipe.build(cfg, model_cfg)
