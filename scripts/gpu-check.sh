@@ -5,7 +5,8 @@
 # with the seconds of each stage. Random weights and lr 0 throughout: timing, not accuracy.
 #   scripts/gpu-check.sh [OUT_DIR]   (default $OUT, else runs/gpu-check)
 # env: PYTHON; STEPS (suite), PIPELINE_STEPS; SUITE_ARGS (extra overrides); DOC; TEST_TIMEOUT, SUITE_TIMEOUT,
-#      PIPELINE_TIMEOUT; SKIP="tests suite pipeline" (any of them, to run the parts in separate calls);
+#      PIPELINE_TIMEOUT, SEG_TIMEOUT; SKIP="tests suite seg pipeline" (any of them, to run the parts in
+#      separate calls; seg: `vwe bench seg` with seg.fuse_micro_batches false, then true);
 #      EVAL_IMAGES=1464: also `vwe bench eval` on that many made-up VOC-sized CAMs (about 3 min of data making);
 #      INFER_IMAGES=1464: also the device's cost of new image sizes (`vwe bench infer --compare sizes`,
 #      SIZES_IMAGES sizes, default 16), the real `vwe infer` (scales made on the device at the default group
@@ -26,7 +27,7 @@ if [ "${TINY:-0}" = 1 ]; then
     config=configs/demo.yaml
     sizes=(model.backbone=resnet18 model.num_words=8 data.crop_size=64 "data.long_side=[64, 80]" train.batch_size=2
            "infer.scales=[1.0]" infer.batch_size=2 data.num_workers=1 seg.crop_size=64 seg.batch_size=2
-           "seg.test_scales=[0.5]" seg.test_flip=false)
+           seg.grad_accum=2 seg.norm=group "seg.test_scales=[0.5]" seg.test_flip=false)
     synth=(--train 24 --val 6 --size 80)
     steps=${STEPS:-1} pipeline_steps=${PIPELINE_STEPS:-3} doc=() quick=(--quick)
 else
@@ -61,6 +62,15 @@ if [[ $skip != *" suite "* ]]; then
     timeout "${SUITE_TIMEOUT:-540}" "$python" -m vwe bench suite --config "$config" "${sizes[@]}" "data.root=$shards" \
         ${SUITE_ARGS:-} \
         --steps "$steps" "${quick[@]}" --out "$out/suite" "${doc[@]}" 2>&1 | tee "$out/suite.log" || fail $?
+fi
+
+if [[ $skip != *" seg "* ]]; then  # DeepLab's step as the recipe runs it (2 x 5 crops) and fused (one batch of 10)
+    echo "== vwe bench seg, accumulated and fused" >&2
+    for fused in false true; do
+        timeout "${SEG_TIMEOUT:-300}" "$python" -m vwe bench seg --config "$config" "${sizes[@]}" \
+            "seg.fuse_micro_batches=$fused" --steps "$steps" --json "$out/seg-fused-$fused.json" 2>&1 \
+            | grep -v Warning | tee -a "$out/seg-figures.md" || fail $?
+    done
 fi
 
 if [ -n "${EVAL_IMAGES:-}" ]; then  # the evaluation figure: that many VOC-sized CAMs, all threads and one
