@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO, TINY, run_vwe
 from data_helpers import samples_of, write_split
@@ -144,6 +145,24 @@ def test_weights_holding_nan_are_refused(synthetic_shards, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"weights file {tmp_path / FINAL_WEIGHTS_NAME}: 1 tensor(s) hold NaN or Inf (e.g. {name})" in proc.stderr
     assert not list((tmp_path / "cams").glob("*.npz"))
+
+
+def test_finite_weights_giving_non_finite_cams_write_nothing_for_them(synthetic_shards, tmp_path):
+    """Weights that pass the NaN check but overflow float32 in the classifier: the pass fails naming the
+    images, and no CAM file is written for them (the check runs where each write waits for its maps)."""
+    cfg = load_config(DEMO, [*TINY, f"data.root={synthetic_shards}"])
+    torch.manual_seed(0)
+    state = build_model(cfg.model).state_dict()
+    state["classifier.weight"] = torch.full_like(state["classifier.weight"], 3e38)
+    import json
+    from safetensors.torch import save_file
+    (tmp_path / FINAL_WEIGHTS_NAME).parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / FINAL_WEIGHTS_NAME),
+              metadata={"vwe_config": json.dumps(cfg.to_dict())})
+    proc = run_vwe("infer", *_infer_args(synthetic_shards, tmp_path), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "give non-finite CAMs for image(s) " in proc.stderr and "nothing written for them" in proc.stderr
+    assert not list((tmp_path / "cams").glob("*.npz")) and not list((tmp_path / "cams").glob(".*.tmp*"))
 
 
 def test_corrupt_samples_skipped_are_listed_in_the_manifest(synthetic_shards, tmp_path):

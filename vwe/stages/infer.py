@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import functools
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,11 +144,46 @@ def device_scales(images: torch.Tensor, scales: list[float], flip: bool, mode: s
 
 
 def keep_positive(cam: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    """Channels of the positive classes, each divided by its own maximum + 1e-5."""
+    """Channels of the positive classes, each divided by its own maximum + 1e-5. `labels` on the host:
+    nothing here waits for the device."""
     keys = torch.nonzero(labels > 0.5).flatten()
-    kept = cam[keys.to(cam.device)]
+    index = keys
+    if cam.is_cuda:  # a pageable copy would wait for every kernel queued before it
+        index = keys.pin_memory().to(cam.device, non_blocking=True)
+    kept = cam.index_select(0, index)
     kept = kept / (kept.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5)
     return keys.cpu().numpy().astype(np.int64), kept
+
+
+class Fetch:
+    """Device tensors on their way to the host, copied without waiting (pinned memory on a GPU): the
+    device goes on with the next batch while they travel. `wait()` returns them once they have arrived
+    and adds the seconds it blocked to `clock` (nothing to wait for on a CPU)."""
+
+    def __init__(self, tensors: list[torch.Tensor], device: torch.device, clock: "DeviceClock") -> None:
+        self.host = [t.to("cpu", non_blocking=True) for t in tensors]
+        self.event, self.clock = None, clock
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> list[torch.Tensor]:
+        if self.event is not None:
+            t0 = time.perf_counter()
+            self.event.synchronize()
+            self.clock.add(time.perf_counter() - t0)
+        return self.host
+
+
+class DeviceClock:
+    """Seconds the write threads waited for the device (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.seconds, self._lock = 0.0, threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds += seconds
 
 
 class CamWork(ImageWork):
@@ -163,6 +200,7 @@ class CamWork(ImageWork):
         self.autocast = functools.partial(device_autocast, precision, device)
         resize_on = cfg.infer.resize_on
         self.resize_on = resize_on if resize_on != "auto" else ("device" if device.type == "cuda" else "loader")
+        self.device_wait = DeviceClock()
 
     def samples(self, rank: int, world: int, skips: SkipPolicy) -> Iterator[dict]:
         return infer_samples(self.cfg.data, self.cfg.infer, rank, world, skips=skips,
@@ -179,33 +217,54 @@ class CamWork(ImageWork):
         size = tuple(group[0]["image"].shape[-2:])
         # per scale: the group's images, then (with infer.flip) their flips
         if self.resize_on == "device":
-            images = torch.stack([s["image"] for s in group]).to(self.device, non_blocking=True)
-            per_scale = device_scales(images, self.cfg.infer.scales, flip, self.cfg.data.resize)
+            images = torch.stack([s["image"] for s in group])
+            if self.device.type == "cuda":
+                images = images.pin_memory()  # so that the copy does not hold the host up
+            per_scale = device_scales(images.to(self.device, non_blocking=True), self.cfg.infer.scales, flip,
+                                      self.cfg.data.resize)
         else:
             per_scale = [torch.cat([s["scales"][i][0:1] for s in group] +
                                    ([s["scales"][i][1:2] for s in group] if flip else []))
                          for i in range(len(group[0]["scales"]))]
         high, strided = multiscale_cams(self.model, per_scale, size, self.device, self.channels_last,
                                         self.autocast, flip)
-        if not (torch.isfinite(high).all() and torch.isfinite(strided).all()):
-            keys = ", ".join(s["key"] for s in group)
-            raise CheckpointError(f"weights {weights_path(self.cfg)} give non-finite CAMs for image(s) {keys} "
-                                  f"(infer.mixed_precision={self.cfg.infer.mixed_precision} -> {self.precision}); "
-                                  f"nothing written for them")
-        outputs = []
+        # no wait for the device here: the maps travel to the host while the next group computes, and each
+        # write waits for its own (the check for non-finite values too: nothing is written for a bad group)
+        store = torch.float16 if self.store is np.float16 else torch.float32
+        finite = torch.isfinite(high).all() & torch.isfinite(strided).all()
+        kept = []
         for j, sample in enumerate(group):
             keys, hr = keep_positive(high[j], sample["labels"])
             _, st = keep_positive(strided[j], sample["labels"])
-            record = CamRecord(keys, st.cpu().numpy().astype(self.store), hr.cpu().numpy().astype(self.store),
-                               self.weights_sha256)
-            outputs.append(Output(sample["key"], cam_writer(record)))
-        return outputs
+            kept.append((keys, st.to(store), hr.to(store)))
+        fetch = Fetch([finite, *(t for _, st, hr in kept for t in (st, hr))], self.device, self.device_wait)
+        group_keys = [s["key"] for s in group]
+        return [Output(sample["key"], self._writer(fetch, j, keys, group_keys))
+                for j, (sample, (keys, _, _)) in enumerate(zip(group, kept))]
+
+    def _writer(self, fetch: Fetch, j: int, keys: np.ndarray, group_keys: list[str]):
+        """Writes image j of a group once its fetch has arrived; CheckpointError if the group's CAMs are
+        not finite."""
+        def write(f) -> None:
+            finite, *maps = fetch.wait()
+            if not bool(finite):
+                raise CheckpointError(f"weights {weights_path(self.cfg)} give non-finite CAMs for image(s) "
+                                      f"{', '.join(group_keys)} (infer.mixed_precision="
+                                      f"{self.cfg.infer.mixed_precision} -> {self.precision}); nothing written "
+                                      f"for them")
+            st, hr = maps[2 * j], maps[2 * j + 1]
+            cam_writer(CamRecord(keys, st.numpy(), hr.numpy(), self.weights_sha256))(f)
+        return write
 
     def manifest(self) -> dict:
         return {"weights": str(weights_path(self.cfg)), "weights_sha256": self.weights_sha256,
-                "mixed_precision": self.precision, "resize_on": self.resize_on}
+                "mixed_precision": self.precision, "resize_on": self.resize_on,
+                # on a GPU, computing counts the host's launching; the device's own time is mostly here
+                "device_wait_s": round(self.device_wait.seconds, 3)}
 
     def report(self, ranks: list[dict], totals: dict, seconds: float, world: int) -> None:
+        if self.device.type == "cuda":
+            print(f"infer rank 0: its write threads waited {self.device_wait.seconds:.1f} s for the device's maps")
         if self.cfg.infer.legacy_dir:
             n = export_legacy(self.out_dir, Path(self.cfg.infer.legacy_dir))
             print(f"exported {n} CAMs in the pickled-dict .npy format to {self.cfg.infer.legacy_dir}")
