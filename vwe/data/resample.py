@@ -71,19 +71,28 @@ def axis_weights(in_size: int, out_size: int, mode: str = "bicubic") -> tuple[np
     return starts, ints, precision
 
 
+def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`; to a GPU from pinned memory without waiting (a pageable copy would wait
+    for every kernel queued before it)."""
+    t = torch.from_numpy(array)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def _pass(x: torch.Tensor, out_size: int, dim: int, mode: str) -> torch.Tensor:
     """Resize uint8 `x` along `dim` (-1 or -2) to out_size, in torch's fixed point."""
     starts, weights, precision = axis_weights(x.shape[dim], out_size, mode)
     taps = weights.shape[1]
-    idx = torch.from_numpy(np.minimum(starts[:, None] + np.arange(taps), x.shape[dim] - 1)).to(x.device)
-    w = torch.from_numpy(weights.astype(np.int32)).to(x.device)
+    # (taps, out): each tap's indices contiguous for index_select
+    idx = _to(np.ascontiguousarray(np.minimum(starts[None, :] + np.arange(taps)[:, None], x.shape[dim] - 1)),
+              x.device)
+    w = _to(np.ascontiguousarray(weights.T.astype(np.int32)), x.device)
     acc = torch.full((), 1 << (precision - 1), dtype=torch.int32, device=x.device)
     src = x.to(torch.int32)
     for k in range(taps):  # the weight is 0 where an output has fewer taps, so the clamped index is harmless
         if dim == -1:
-            acc = acc + src.index_select(-1, idx[:, k]) * w[:, k]
+            acc = acc + src.index_select(-1, idx[k]) * w[k]
         else:
-            acc = acc + src.index_select(-2, idx[:, k]) * w[:, k, None]
+            acc = acc + src.index_select(-2, idx[k]) * w[k, :, None]
     return (acc >> precision).clamp_(0, 255).to(torch.uint8)
 
 
