@@ -107,6 +107,13 @@ def test_deterministic_per_seed(tmp_path, synth):
     assert all(a[k] != b[k] for k in jpg)
 
 
+def test_the_same_files_from_any_number_of_workers(tmp_path):
+    one = write_dataset(tmp_path / "one", n_train=40, n_val=8, seed=5, size=48, sbd=True, workers=1)
+    two = write_dataset(tmp_path / "two", n_train=40, n_val=8, seed=5, size=48, sbd=True, workers=2)
+    a, b = _files(one.parents[1]), _files(two.parents[1])
+    assert len(a) > 200 and a == b
+
+
 def test_cli_synth(tmp_path):
     run_vwe("synth", "--out", str(tmp_path), "--train", "3", "--val", "2", "--size", "64")
     voc = tmp_path / "VOCdevkit" / "VOC2012"

@@ -35,7 +35,7 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_synth(args: argparse.Namespace) -> int:
     from vwe.data.synthetic import write_dataset
     write_dataset(Path(args.out), n_train=args.train, n_val=args.val, seed=args.seed,
-                  size=args.size, sbd=args.sbd)
+                  size=args.size, sbd=args.sbd, workers=args.workers)
     return 0
 
 
@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128, help="long side of the images in pixels")
     p.add_argument("--sbd", action="store_true", help="also write an SBD-style benchmark_RELEASE folder")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes making the images (0: one per core); the files do not depend on it")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="convert VOCdevkit (+SBD) into webdataset shards, or pair a split with "

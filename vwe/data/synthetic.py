@@ -7,6 +7,10 @@ which plain CAMs light up only the discriminative part.
 """
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -166,14 +170,37 @@ def _sbd_mat(scene: Scene) -> bytes:
 MIN_SIZE = 16  # long side in pixels; below it the objects shrink to a pixel or two
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _write_scene(item: tuple[int, str], seed: int, size: int, classes: tuple[int, ...], dirs: dict[str, Path],
+                 sbd_dir: Path | None) -> None:
+    """The files of image `idx` (JPEG, annotation, masks; SBD's .mat and JPEG with sbd_dir)."""
+    idx, image_id = item
+    scene = make_scene(seed, idx, size=size, classes=classes)
+    jpg = _jpeg(scene.image)
+    h, w = scene.mask.shape
+    _write(dirs["JPEGImages"] / f"{image_id}.jpg", jpg)
+    _write(dirs["Annotations"] / f"{image_id}.xml", annotation_xml(image_id, w, h, scene.objects))
+    in_voc_seg = not image_id.startswith("synth_sbd_")
+    if in_voc_seg:
+        _write(dirs["SegmentationClass"] / f"{image_id}.png", encode_mask(scene.mask))
+    _write(dirs["SegmentationClassAug"] / f"{image_id}.png", encode_mask(scene.mask if in_voc_seg else scene.mask_sbd))
+    if sbd_dir is not None:
+        _write(sbd_dir / "cls" / f"{image_id}.mat", _sbd_mat(scene))
+        _write(sbd_dir / "img" / f"{image_id}.jpg", jpg)
+
+
 def write_dataset(out: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, size: int = 128,
-                  sbd: bool = False, classes: tuple[int, ...] = DEFAULT_CLASSES) -> Path:
+                  sbd: bool = False, classes: tuple[int, ...] = DEFAULT_CLASSES, workers: int = 0) -> Path:
     """Write a synthetic data set under out/VOCdevkit/VOC2012 (and out/benchmark_RELEASE with sbd=True).
 
     Ids: synth_000000.. (VOC train, then val); with sbd, n_train more images synth_sbd_000000.. exist in
     JPEGImages, Annotations and SegmentationClassAug but not in the VOC segmentation lists, and the SBD
     lists hold them plus some VOC train and val ids (so train_aug = SBD train+val + VOC train - VOC val
-    differs from every single list). Returns the VOC2012 folder.
+    differs from every single list). `workers` processes make the images (0: one per core; at most one
+    per 16 images). Returns the VOC2012 folder.
     """
     for name, value, least in (("--train", n_train, 1), ("--val", n_val, 1), ("--size", size, MIN_SIZE)):
         if not isinstance(value, int) or value < least:
@@ -193,20 +220,16 @@ def write_dataset(out: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, 
         (sbd_dir / "cls").mkdir(parents=True, exist_ok=True)
         (sbd_dir / "img").mkdir(parents=True, exist_ok=True)
 
-    for idx, image_id in enumerate(train_ids + val_ids + extra_ids):
-        scene = make_scene(seed, idx, size=size, classes=classes)
-        jpg = _jpeg(scene.image)
-        h, w = scene.mask.shape
-        _write(dirs["JPEGImages"] / f"{image_id}.jpg", jpg)
-        _write(dirs["Annotations"] / f"{image_id}.xml", annotation_xml(image_id, w, h, scene.objects))
-        in_voc_seg = not image_id.startswith("synth_sbd_")
-        if in_voc_seg:
-            _write(dirs["SegmentationClass"] / f"{image_id}.png", encode_mask(scene.mask))
-        _write(dirs["SegmentationClassAug"] / f"{image_id}.png",
-               encode_mask(scene.mask if in_voc_seg else scene.mask_sbd))
-        if sbd:
-            _write(sbd_dir / "cls" / f"{image_id}.mat", _sbd_mat(scene))
-            _write(sbd_dir / "img" / f"{image_id}.jpg", jpg)
+    ids = train_ids + val_ids + extra_ids
+    write = functools.partial(_write_scene, seed=seed, size=size, classes=classes, dirs=dirs,
+                              sbd_dir=sbd_dir if sbd else None)
+    workers = max(1, min(workers or _cores(), len(ids) // 16))  # a pool pays off from a few dozen images
+    if workers == 1:
+        for item in enumerate(ids):
+            write(item)
+    else:  # each image depends on (seed, index) alone: the files are the same for any number of workers
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(write, enumerate(ids), chunksize=8))
 
     lists = voc / "ImageSets" / "Segmentation"
     _write(lists / "train.txt", "".join(f"{i}\n" for i in train_ids))
