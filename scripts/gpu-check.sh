@@ -7,7 +7,8 @@
 # env: PYTHON; STEPS (suite), PIPELINE_STEPS; SUITE_ARGS (extra overrides); DOC; TEST_TIMEOUT, SUITE_TIMEOUT,
 #      PIPELINE_TIMEOUT, SEG_TIMEOUT; SKIP="tests suite seg pipeline" (any of them, to run the parts in
 #      separate calls; seg: `vwe bench seg` with seg.fuse_micro_batches false, then true);
-#      EVAL_IMAGES=1464: also `vwe bench eval` on that many made-up VOC-sized CAMs (about 3 min of data making);
+#      EVAL_IMAGES=1464: also `vwe bench eval` on that many made-up VOC-sized CAMs (made first: images in
+#      parallel by `vwe synth`, then shards and CAMs);
 #      INFER_IMAGES=1464: also the device's cost of new image sizes (`vwe bench infer --compare sizes`,
 #      SIZES_IMAGES sizes, default 16), the real `vwe infer` (scales made on the device at the default group
 #      window, then at WINDOW, default 32, then made by the loader) and `vwe evaluate` on that many
