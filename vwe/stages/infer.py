@@ -3,8 +3,8 @@
 Only the CAM path runs (backbone + classifier). Images of equal size are batched with their flips; at
 most infer.group_window (default infer.batch_size) images wait in memory, however many distinct sizes
 the split has. The scales are made by the loader, or (infer.resize_on) on the device from the decoded
-image, with the same pixels. The per-image pass (vwe/stages/perimage.py) writes one `<id>.npz` per image, skips images
-already done with the same weights and keeps the manifests.
+image, with the same pixels. The per-image pass (vwe/stages/perimage.py) writes one `<id>.npz` per
+image, skips images already done with the same weights and keeps the manifests.
 """
 from __future__ import annotations
 
@@ -155,12 +155,23 @@ def keep_positive(cam: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, 
     return keys.cpu().numpy().astype(np.int64), kept
 
 
+class DeviceClock:
+    """Seconds the write threads waited for the device (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.seconds, self._lock = 0.0, threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds += seconds
+
+
 class Fetch:
     """Device tensors on their way to the host, copied without waiting (pinned memory on a GPU): the
     device goes on with the next batch while they travel. `wait()` returns them once they have arrived
     and adds the seconds it blocked to `clock` (nothing to wait for on a CPU)."""
 
-    def __init__(self, tensors: list[torch.Tensor], device: torch.device, clock: "DeviceClock") -> None:
+    def __init__(self, tensors: list[torch.Tensor], device: torch.device, clock: DeviceClock) -> None:
         self.host = [t.to("cpu", non_blocking=True) for t in tensors]
         self.event, self.clock = None, clock
         if device.type == "cuda":
@@ -175,17 +186,6 @@ class Fetch:
         return self.host
 
 
-class DeviceClock:
-    """Seconds the write threads waited for the device (thread-safe)."""
-
-    def __init__(self) -> None:
-        self.seconds, self._lock = 0.0, threading.Lock()
-
-    def add(self, seconds: float) -> None:
-        with self._lock:
-            self.seconds += seconds
-
-
 class CamWork(ImageWork):
     """Multi-scale + flip CAMs of one group of equal-size images (the per-image part of `vwe infer`)."""
     name, what, suffix = "infer", "CAM", ".npz"
@@ -196,7 +196,7 @@ class CamWork(ImageWork):
         self.device, self.channels_last = device, model_cfg.channels_last
         self.out_dir, self.split, self.data_root = cam_dir_for(cfg), cfg.data.infer_split, cfg.data.root
         self.batch_size, self.window = cfg.infer.batch_size, cfg.infer.group_window
-        self.store = np.float16 if cfg.infer.dtype == "float16" else np.float32
+        self.store = torch.float16 if cfg.infer.dtype == "float16" else torch.float32
         self.autocast = functools.partial(device_autocast, precision, device)
         resize_on = cfg.infer.resize_on
         self.resize_on = resize_on if resize_on != "auto" else ("device" if device.type == "cuda" else "loader")
@@ -230,13 +230,12 @@ class CamWork(ImageWork):
                                         self.autocast, flip)
         # no wait for the device here: the maps travel to the host while the next group computes, and each
         # write waits for its own (the check for non-finite values too: nothing is written for a bad group)
-        store = torch.float16 if self.store is np.float16 else torch.float32
         finite = torch.isfinite(high).all() & torch.isfinite(strided).all()
         kept = []
         for j, sample in enumerate(group):
             keys, hr = keep_positive(high[j], sample["labels"])
             _, st = keep_positive(strided[j], sample["labels"])
-            kept.append((keys, st.to(store), hr.to(store)))
+            kept.append((keys, st.to(self.store), hr.to(self.store)))
         fetch = Fetch([finite, *(t for _, st, hr in kept for t in (st, hr))], self.device, self.device_wait)
         group_keys = [s["key"] for s in group]
         return [Output(sample["key"], self._writer(fetch, j, keys, group_keys))
