@@ -193,14 +193,15 @@ def _write_scene(item: tuple[int, str], seed: int, size: int, classes: tuple[int
 
 
 def write_dataset(out: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, size: int = 128,
-                  sbd: bool = False, classes: tuple[int, ...] = DEFAULT_CLASSES, workers: int = 0) -> Path:
+                  sbd: bool = False, classes: tuple[int, ...] = DEFAULT_CLASSES, workers: int = 1) -> Path:
     """Write a synthetic data set under out/VOCdevkit/VOC2012 (and out/benchmark_RELEASE with sbd=True).
 
     Ids: synth_000000.. (VOC train, then val); with sbd, n_train more images synth_sbd_000000.. exist in
     JPEGImages, Annotations and SegmentationClassAug but not in the VOC segmentation lists, and the SBD
     lists hold them plus some VOC train and val ids (so train_aug = SBD train+val + VOC train - VOC val
     differs from every single list). `workers` processes make the images (0: one per core; at most one
-    per 16 images). Returns the VOC2012 folder.
+    per 16 images; a pool leaves multiprocessing's resource tracker running in the calling process, so
+    in-process callers keep the default 1). Returns the VOC2012 folder.
     """
     for name, value, least in (("--train", n_train, 1), ("--val", n_val, 1), ("--size", size, MIN_SIZE)):
         if not isinstance(value, int) or value < least:

@@ -25,6 +25,7 @@ class CamLabelWork(ImageWork):
     suffix = ".png"
     cam_dir: Path
     fingerprint: dict
+    strided = False  # whether the strided `cam` is read too (the random walk's input) or high_res alone
 
     def __init__(self) -> None:
         self.by_weights: dict[str, list[str]] = defaultdict(list)
@@ -35,7 +36,7 @@ class CamLabelWork(ImageWork):
         cam_path = self.cam_dir / f"{key}.npz"
         if not cam_path.exists():
             raise DataError(f"CAM file {cam_path}: not found (image {key!r} of split '{self.split}')")
-        rec = read_cam_for(cam_path, sample["size"], num_classes=NUM_LABELS - 1, strided=False)
+        rec = read_cam_for(cam_path, sample["size"], num_classes=NUM_LABELS - 1, strided=self.strided)
         self.by_weights[rec.weights_sha256].append(key)
         source = json.dumps({"cam_sha256": file_sha256(cam_path), **self.fingerprint}, sort_keys=True)
         return {**sample, "cam": rec, "source": source}

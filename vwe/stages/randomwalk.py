@@ -79,6 +79,7 @@ def exact_float32() -> Iterator[None]:
 class RandomWalkWork(CamLabelWork):
     """One image's random-walk pseudo label (the per-image part of `vwe random-walk`), scored on its mask."""
     name, what = "random-walk", "pseudo label"
+    strided = True  # the walk starts from the strided CAM
 
     def __init__(self, cfg: Config, net: IRNet, weights_sha256: str, weights: Path, cam_dir: Path,
                  device: torch.device) -> None:
