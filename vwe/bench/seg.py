@@ -3,8 +3,9 @@
 Training: optimizer steps as `vwe segment` runs them on one process: `seg.grad_accum` micro-batches of
 `seg.batch_size / seg.grad_accum` crops (or, with `seg.fuse_micro_batches`, one batch of them all) of
 `seg.crop_size` through the Trainer's own setup and `micro_step` with the SegRecipe (MSC inputs and
-losses, the recipe's parameter groups, `seg.mixed_precision`), on synthetic uint8 images and label maps. Prediction: `predict_probs` at `seg.test_scales` (+ flip) on VOC-sized images
-(long side 500, three aspect ratios), one image per forward as `vwe segment-eval` runs it.
+losses, the recipe's parameter groups, `seg.mixed_precision`), on synthetic uint8 images and label maps.
+Prediction: `predict_probs` at `seg.test_scales` (+ flip) on VOC-sized images (long side 500, three
+aspect ratios), one image per forward as `vwe segment-eval` runs it.
 MFU = FLOPs counted once with torch.utils.flop_counter / time / the device's peak (vwe bench train).
 """
 from __future__ import annotations
