@@ -11,7 +11,7 @@
 #      parallel by `vwe synth`, then shards and CAMs);
 #      INFER_IMAGES=1464: also the device's cost of new image sizes (`vwe bench infer --compare sizes`,
 #      SIZES_IMAGES sizes, default 16), the real `vwe infer` (scales made on the device at the default group
-#      window, then at WINDOW, default 32, then made by the loader) and `vwe evaluate` on that many
+#      window, then at WINDOW, default 256, then made by the loader) and `vwe evaluate` on that many
 #      VOC-sized images, timed, with the infer pass's split of its time (waiting for samples / computing
 #      and images per call / waiting for writes);
 #      TINY=1: CPU-sized (configs/demo.yaml shrunk, no doc update), to check the script itself anywhere.
@@ -103,7 +103,7 @@ if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `v
         --json "$out/infer-sizes.json" 2>&1 | tee -a "$out/infer-figures.md" || fail $?
     # infer with the scales made on the device (auto on a GPU), at the default group window, then a
     # wider one (fuller batches), then with the loader making the scales (the same CAMs); then evaluate
-    for step in "infer infer.group_window=0" "infer infer.group_window=${WINDOW:-32}" "infer infer.resize_on=loader" \
+    for step in "infer infer.group_window=0" "infer infer.group_window=${WINDOW:-256}" "infer infer.resize_on=loader" \
                 "evaluate"; do
         read -r command setting <<< "$step"
         [ "$command" != infer ] || rm -rf "$irun/cams"
@@ -114,7 +114,7 @@ if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `v
             'BEGIN { printf "vwe %s: %d images in %.1f s wall (%.1f img/s, start-up included)\n", c, n, s, n / s }' \
             | tee -a "$out/infer-figures.md"
     done
-    grep -h "rank 0: .* of which" "$data.log" | tee -a "$out/infer-figures.md"
+    grep -h -e "rank 0: .* of which" -e "waited .* for the device" "$data.log" | tee -a "$out/infer-figures.md"
 fi
 
 if [[ $skip != *" pipeline "* ]]; then
