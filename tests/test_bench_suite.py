@@ -99,3 +99,13 @@ def test_epoch_starts_compares_the_steps_that_open_an_epoch_with_the_others(tmp_
     assert epoch_starts(metrics) == {"epoch_starts": 2, "epoch_start_img_s": 70.0, "other_steps_img_s": 100.0}
     metrics.write_text("".join(json.dumps({"step": i, "epoch": 0, "images_per_s": 9.0}) + "\n" for i in range(4)))
     assert epoch_starts(metrics) is None  # no epoch end crossed
+
+
+def test_a_slow_training_command_is_explained_by_measured_facts():
+    from vwe.bench.suite import _why
+    row = {"ratio": 0.8, "images": 20, "steps": 5, "work_img_s": 32.8, "component_img_s": 41.3, "data_wait": 0.07,
+           "data_cpu_ms_per_image": 5.59}
+    note = _why("segment", row, {"machine": {"cores": 2}, "steps": 3})
+    assert "takes 25 ms more than the component's 97 ms" in note and "data wait (7% of a step" in note
+    assert "the loader's workers used 22 ms of CPU per step, on the 2 cores" in note
+    assert _why("segment", {**row, "ratio": 1.0}, {"machine": {"cores": 2}, "steps": 3}) == ""

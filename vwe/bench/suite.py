@@ -228,7 +228,7 @@ def _training_record(folder: Path) -> dict | None:
     return {"images": summary["samples_seen"], "work_s": summary["seconds_this_run"],
             "steps": summary["steps_this_run"], "steady_img_s": _steady(metrics, "images_per_s"),
             "data_wait": _steady(metrics, "data_wait_fraction"), "mixed_precision": summary["mixed_precision"],
-            **(epoch_starts(metrics) or {})}
+            "data_cpu_ms_per_image": summary.get("data_cpu_ms_per_image"), **(epoch_starts(metrics) or {})}
 
 
 def _pass_record(manifests: list[Path], report: Path | None = None) -> dict | None:
@@ -355,6 +355,9 @@ def _why(name: str, row: dict, results: dict) -> str:
                          f"{1000 * batch / row['component_img_s']:.0f} ms: the loop's own work per step (logging, "
                          f"its checks' all-reduce, the schedule) and data wait ({100 * (row.get('data_wait') or 0):.0f}%"
                          f" of a step{'; the component has no loader' if name == 'segment' else ''})")
+            if row.get("data_cpu_ms_per_image"):
+                notes.append(f"the loader's workers used {row['data_cpu_ms_per_image'] * batch:.0f} ms of CPU per "
+                             f"step, on the {results['machine']['cores']} cores the step runs on")
         else:
             notes.append(f"the run's median of {row['steps'] - 1} steps against the component's "
                          f"{results['steps']} timed step(s)")
@@ -368,7 +371,8 @@ def _why(name: str, row: dict, results: dict) -> str:
             notes.append(f"images of {row['pixels_per_image'] / 1e6:.3f} MP against the component's "
                          f"{row['component_pixels'] / 1e6:.3f} MP: per-image costs do not scale with pixels")
     if name == "infer" and slower and results["infer_fp32"]["batch_size"] > 1:
-        notes.append("the component batches equal-size images; the command only those of equal size in a row")
+        notes.append("the component batches equal-size images; the command those of one size within "
+                     "infer.group_window")
     return "; ".join(notes) or "unexplained"
 
 
