@@ -276,7 +276,9 @@ def infer(cfg: Config) -> int:
     device = state.device
     model, weights_sha256, model_cfg = load_cam_model(cfg, device)
     precision = resolve_precision(cfg.infer.mixed_precision, device)
-    if state.is_main_process:
-        print(f"infer: {precision_note(cfg.infer.mixed_precision, precision, device)}", file=sys.stderr)
     work = CamWork(cfg, model, weights_sha256, model_cfg, precision, device)
+    if state.is_main_process:
+        where = "on the device" if work.resize_on == "device" else "by the loader"
+        print(f"infer: {precision_note(cfg.infer.mixed_precision, precision, device)}; scales made {where} "
+              f"(infer.resize_on={cfg.infer.resize_on})", file=sys.stderr)
     return run_per_image(work, cfg.output.run_dir, cfg.data.on_corrupt, cfg.eval.max_listed)
