@@ -85,8 +85,9 @@ def test_bench_infer_times_new_image_sizes_against_a_repeated_one(tmp_path):
     assert f["images"] == 2 and f["scales"] == [0.25, 0.125] and f["flip"] is True
     for key in ("repeated_size_s_per_image", "new_sizes_first_s_per_image", "new_sizes_again_s_per_image"):
         assert f[key] > 0, f
-    assert f["new_shape_cost_s_per_image"] == round(f["new_sizes_first_s_per_image"]
-                                                    - f["new_sizes_again_s_per_image"], 4)
+    # each figure is rounded to 0.1 ms on its own
+    assert abs(f["new_shape_cost_s_per_image"] - (f["new_sizes_first_s_per_image"]
+                                                  - f["new_sizes_again_s_per_image"])) <= 1.5e-4
 
 
 def test_epoch_starts_compares_the_steps_that_open_an_epoch_with_the_others(tmp_path):
