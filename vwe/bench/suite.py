@@ -30,6 +30,7 @@ from vwe.formats.config import Config, save_config
 from vwe.runtime.device import native_bf16, resolve_precision
 from vwe.runtime.errors import VweError
 from vwe.runtime.files import atomic_write
+from vwe.runtime.parallel import usable_cores
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +46,7 @@ def machine() -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
         if torch.cuda.is_available() else []
     import accelerate
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    return {"cpu": cpu, "cores": usable_cores(),
             "cpu_native_bf16": native_bf16(torch.device("cpu")), "gpus": gpus,
             "torch": torch.__version__, "cuda": torch.version.cuda if gpus else None,
             "accelerate": accelerate.__version__, "python": platform.python_version(),

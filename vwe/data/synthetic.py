@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from scipy import ndimage
 
 from vwe.runtime.errors import DataError
 from vwe.runtime.files import atomic_write
+from vwe.runtime.parallel import usable_cores
 from vwe.data.voc import CLASS_NAMES, IGNORE_INDEX, encode_mask
 
 # Default classes (VOC indices): aeroplane, bus, cat, dog, person. Few and clearly coloured, so a small
@@ -170,10 +170,6 @@ def _sbd_mat(scene: Scene) -> bytes:
 MIN_SIZE = 16  # long side in pixels; below it the objects shrink to a pixel or two
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _write_scene(item: tuple[int, str], seed: int, size: int, classes: tuple[int, ...], dirs: dict[str, Path],
                  sbd_dir: Path | None) -> None:
     """The files of image `idx` (JPEG, annotation, masks; SBD's .mat and JPEG with sbd_dir)."""
@@ -224,7 +220,7 @@ def write_dataset(out: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, 
     ids = train_ids + val_ids + extra_ids
     write = functools.partial(_write_scene, seed=seed, size=size, classes=classes, dirs=dirs,
                               sbd_dir=sbd_dir if sbd else None)
-    workers = max(1, min(workers or _cores(), len(ids) // 16))  # a pool pays off from a few dozen images
+    workers = max(1, min(workers or usable_cores(), len(ids) // 16))  # a pool pays off from a few dozen images
     if workers == 1:
         for item in enumerate(ids):
             write(item)

@@ -1,8 +1,10 @@
 """One way to run a function over a stream on threads: results in the stream's order, a bounded number in
 flight. The loaders (JPEG decoding and torch's resizes release the GIL) and the evaluation (zlib and
-NumPy's loops release it) use it; order-preserving, so nothing downstream depends on the thread count."""
+NumPy's loops release it) use it; order-preserving, so nothing downstream depends on the thread count.
+And how many cores this process may use, for whoever sizes a pool."""
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,6 +12,11 @@ from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, e.g. under SLURM)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, name: str = "vwe") -> Iterator[R]:

@@ -28,7 +28,7 @@ from vwe.data.index import load_index
 from vwe.runtime.dist import sum_over_ranks, distributed_state, gather_objects
 from vwe.runtime.errors import CheckpointError, DataError, id_listing, problem_list
 from vwe.runtime.files import atomic_write, file_sha256
-from vwe.runtime.parallel import ordered_map
+from vwe.runtime.parallel import ordered_map, usable_cores
 from vwe.report.miou import (confusions_from_histogram, format_table, mask_value_problem, mean_iou, scores, sweep_histogram, sweep_thresholds)
 from vwe.runtime.skips import SkipPolicy, unseen_after
 
@@ -81,8 +81,7 @@ def eval_threads(setting: int) -> int:
     """eval.num_workers, or for 0 the cores this process may run on divided among the node's processes."""
     if setting:
         return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def _score_part(cfg: Config, rank: int, world: int, cam_dir: Path, thresholds: np.ndarray) -> dict:
