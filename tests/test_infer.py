@@ -119,7 +119,7 @@ def test_multiscale_cams_flip_and_scales():
     torch.testing.assert_close(plain, F.interpolate(c[:1], (40, 56), mode="bilinear", align_corners=False))
     two, _ = multiscale_cams(model, [pair, pair], (40, 56), device, False)
     torch.testing.assert_close(two, 2 * high)  # scales add up
-    keys, kept = keep_positive(high[0], torch.eye(20)[[3]].sum(0) + torch.eye(20)[[11]].sum(0))
+    keys, (kept,) = keep_positive(torch.eye(20)[[3]].sum(0) + torch.eye(20)[[11]].sum(0), high[0])
     assert keys.tolist() == [3, 11] and kept.shape == (2, 40, 56)
     assert torch.all(kept.flatten(1).amax(1) <= 1.0) and torch.all(kept >= 0)
 

@@ -68,8 +68,7 @@ def published_path(model: torch.nn.Module, images: list[np.ndarray], labels: lis
             high = high + F.interpolate(cam, (h, w), mode="bilinear", align_corners=False)[0]
             strided = strided + F.interpolate(cam, (-(-h // 4), -(-w // 4)), mode="bilinear",
                                               align_corners=False)[0]
-        keys, hr = keep_positive(high, lab)
-        _, st = keep_positive(strided, lab)
+        keys, (hr, st) = keep_positive(lab, high, strided)
         np.save(out / f"{i}.npy", {"keys": keys, "cam": st.cpu().numpy(), "high_res": hr.cpu().numpy()},
                 allow_pickle=True)
     hook.remove()
@@ -88,8 +87,7 @@ def ours(model: torch.nn.Module, images: list[np.ndarray], labels: list[torch.Te
             per_scale.append(torch.cat([p[0:1] for p in pairs] + [p[1:2] for p in pairs]))
         high, strided = multiscale_cams(model, per_scale, (h, w), device, channels_last, autocast)
         for j in range(len(group)):
-            keys, hr = keep_positive(high[j], labels[start + j])
-            _, st = keep_positive(strided[j], labels[start + j])
+            keys, (hr, st) = keep_positive(labels[start + j], high[j], strided[j])
             write_cam(out / f"{start + j}.npz",
                       CamRecord(keys, st.cpu().numpy().astype(store), hr.cpu().numpy().astype(store), "bench"))
 

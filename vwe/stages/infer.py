@@ -143,16 +143,17 @@ def device_scales(images: torch.Tensor, scales: list[float], flip: bool, mode: s
     return out
 
 
-def keep_positive(cam: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    """Channels of the positive classes, each divided by its own maximum + 1e-5. `labels` on the host:
-    nothing here waits for the device."""
+def keep_positive(labels: torch.Tensor, *cams: torch.Tensor) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """The positive classes' indices, and each of `cams` (one image's maps at any sizes, on one device)
+    reduced to those channels, each divided by its own maximum + 1e-5. `labels` on the host: the index
+    goes to the device once, and nothing here waits for the device."""
     keys = torch.nonzero(labels > 0.5).flatten()
     index = keys
-    if cam.is_cuda:  # a pageable copy would wait for every kernel queued before it
-        index = keys.pin_memory().to(cam.device, non_blocking=True)
-    kept = cam.index_select(0, index)
-    kept = kept / (kept.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5)
-    return keys.cpu().numpy().astype(np.int64), kept
+    if cams[0].is_cuda:  # a pageable copy would wait for every kernel queued before it
+        index = keys.pin_memory().to(cams[0].device, non_blocking=True)
+    kept = [cam.index_select(0, index) for cam in cams]
+    kept = [k / (k.flatten(1).amax(dim=1).view(-1, 1, 1) + 1e-5) for k in kept]
+    return keys.numpy().astype(np.int64), kept
 
 
 class DeviceClock:
@@ -233,8 +234,7 @@ class CamWork(ImageWork):
         finite = torch.isfinite(high).all() & torch.isfinite(strided).all()
         kept = []
         for j, sample in enumerate(group):
-            keys, hr = keep_positive(high[j], sample["labels"])
-            _, st = keep_positive(strided[j], sample["labels"])
+            keys, (hr, st) = keep_positive(sample["labels"], high[j], strided[j])
             kept.append((keys, st.to(self.store), hr.to(self.store)))
         fetch = Fetch([finite, *(t for _, st, hr in kept for t in (st, hr))], self.device, self.device_wait)
         group_keys = [s["key"] for s in group]
