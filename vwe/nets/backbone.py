@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = ("frozen", "frozen_all", "batch", "syncbatch", "group")
 FROZEN_NORMS = ("frozen", "frozen_all")  # running statistics never updated; BN foldable at inference
+PER_SAMPLE_NORMS = (*FROZEN_NORMS, "group")  # each sample normalised on its own, whatever the batch
 GROUPS = 32  # GroupNorm groups; divides every ResNet width (64 ... 2048)
 # Keys of a torchvision state dict that a backbone never loads or never needs.
 _IGNORED_PREFIXES = ("fc.",)

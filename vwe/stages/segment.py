@@ -18,6 +18,7 @@ from torch import nn
 from vwe.data.loader import train_batches
 from vwe.data.targets import prepare_targets
 from vwe.formats.config import Config, ModelConfig
+from vwe.nets.backbone import PER_SAMPLE_NORMS
 from vwe.nets.deeplab import MSC, build_deeplab, seg_loss, seg_param_groups
 from vwe.runtime.dist import collective_call, distributed_state
 from vwe.runtime.errors import ConfigError
@@ -31,8 +32,6 @@ EVAL_KEYS = frozenset({"seg.eval_split", "seg.test_scales", "seg.test_flip", "se
                        "seg.crf_pos_w", "seg.crf_pos_xy_std", "seg.crf_bi_w", "seg.crf_bi_xy_std",
                        "seg.crf_bi_rgb_std", "seg.crf_image", "seg.infer_precision", "seg.eval_batch_size",
                        "seg.weights", "seg.out_dir", "seg.data_root", "seg.checkpoint_every", "seg.train_split"})
-# norms that treat each sample on its own: a step's micro-batches may then run as one batch
-PER_SAMPLE_NORMS = ("frozen_all", "frozen", "group")
 # the derived data section's keys the segmentation loader does not read
 UNUSED_DATA_KEYS = frozenset({"data.long_side", "data.resize", "data.infer_split"})
 
@@ -46,7 +45,7 @@ def seg_training_config(cfg: Config) -> Config:
     """The config the segmentation run trains with: the seg recipe in the train/data sections, the stage's
     folder as run_dir, and a constant model section (the CAM network's does not apply)."""
     sc = cfg.seg
-    if sc.fuse_micro_batches and sc.norm not in PER_SAMPLE_NORMS:
+    if sc.fuse_micro_batches and sc.norm not in PER_SAMPLE_NORMS:  # a step's micro-batches as one batch
         raise ConfigError(f"seg.fuse_micro_batches: seg.norm={sc.norm} normalises over the batch, so one batch of "
                           f"{sc.grad_accum} micro-batches would compute something else; use one of "
                           f"{', '.join(PER_SAMPLE_NORMS)}, or fuse_micro_batches false")
