@@ -6,7 +6,8 @@
 #   scripts/gpu-check.sh [OUT_DIR]   (default $OUT, else runs/gpu-check)
 # env: PYTHON; STEPS (suite), PIPELINE_STEPS; SUITE_ARGS (extra overrides); DOC; TEST_TIMEOUT, SUITE_TIMEOUT,
 #      PIPELINE_TIMEOUT, SEG_TIMEOUT; SKIP="tests suite seg pipeline" (any of them, to run the parts in
-#      separate calls; seg: `vwe bench seg` with seg.fuse_micro_batches false, then true);
+#      separate calls; seg: `vwe bench seg` accumulated with train.cudnn_benchmark false, then true, then with
+#      seg.fuse_micro_batches; and `vwe bench train --compare cudnn_benchmark`);
 #      EVAL_IMAGES=1464: also `vwe bench eval` on that many made-up VOC-sized CAMs (made first: images in
 #      parallel by `vwe synth`, then shards and CAMs);
 #      INFER_IMAGES=1464: also the device's cost of new image sizes (`vwe bench infer --compare sizes`,
@@ -14,6 +15,9 @@
 #      window, then at WINDOW, default 256, then made by the loader) and `vwe evaluate` on that many
 #      VOC-sized images, timed, with the infer pass's split of its time (waiting for samples / computing
 #      and images per call / waiting for writes);
+#      WHEELS=DIR: first install DIR/*.whl, and build DIR/*.tar.gz with the build tools in DIR/build (wheels),
+#      into a temporary folder put on PYTHONPATH (a device image without webdataset, braceexpand, pydensecrf2);
+#      PACK=FILE.tgz: also pack the figures and logs into that one archive;
 #      TINY=1: CPU-sized (configs/demo.yaml shrunk, no doc update), to check the script itself anywhere.
 # Every part runs even if an earlier one fails; the exit status is the first failure's.
 set -uo pipefail
@@ -38,9 +42,24 @@ else
     steps=${STEPS:-10} pipeline_steps=${PIPELINE_STEPS:-30} doc=(--update-doc "${DOC:-docs/benchmarks.md}") quick=()
 fi
 
+if [ -n "${WHEELS:-}" ]; then  # packages the device's image lacks: wheels, and source archives built there
+    # (pydensecrf2 has no wheel for every Python) with the build tools carried as wheels in $WHEELS/build
+    site=$(mktemp -d)
+    for sdist in "$WHEELS"/*.tar.gz; do
+        [ -e "$sdist" ] || continue
+        "$python" -m pip wheel -q --no-index --find-links "$WHEELS/build" --no-deps -w "$site/built" "$sdist" \
+            >"$out/wheels.log" 2>&1 || { cat "$out/wheels.log" >&2; exit 2; }
+    done
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+        "$WHEELS"/*.whl "$site"/built/*.whl >>"$out/wheels.log" 2>&1 || { cat "$out/wheels.log" >&2; exit 2; }
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1 || true
 "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
-"gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])' >>"$out/gpu.txt" 2>&1
+"gpus", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+import webdataset, pydensecrf.densecrf as crf; print("webdataset", webdataset.__file__, "pydensecrf", crf.__file__)' \
+    >>"$out/gpu.txt" 2>&1
 lscpu >"$out/cpu.txt" 2>&1 || true
 
 if [[ $skip != *" tests "* ]]; then
@@ -65,13 +84,18 @@ if [[ $skip != *" suite "* ]]; then
         --steps "$steps" "${quick[@]}" --out "$out/suite" "${doc[@]}" 2>&1 | tee "$out/suite.log" || fail $?
 fi
 
-if [[ $skip != *" seg "* ]]; then  # DeepLab's step as the recipe runs it (2 x 5 crops) and fused (one batch of 10)
-    echo "== vwe bench seg, accumulated and fused" >&2
-    for fused in false true; do
-        timeout "${SEG_TIMEOUT:-300}" "$python" -m vwe bench seg --config "$config" "${sizes[@]}" \
-            "seg.fuse_micro_batches=$fused" --steps "$steps" --json "$out/seg-fused-$fused.json" 2>&1 \
+if [[ $skip != *" seg "* ]]; then  # DeepLab's step as the recipe runs it (2 x 5 crops), without and with
+    # cuDNN's algorithm search, then fused (one batch of 10); and the CAM network's step without and with it
+    echo "== vwe bench seg: accumulated (cuDNN heuristics, then autotuned), fused; vwe bench train" >&2
+    for variant in "accumulated train.cudnn_benchmark=false" "accumulated train.cudnn_benchmark=true" \
+                   "fused seg.fuse_micro_batches=true"; do
+        read -r name setting <<< "$variant"
+        timeout "${SEG_TIMEOUT:-300}" "$python" -m vwe bench seg --config "$config" "${sizes[@]}" "$setting" \
+            --steps "$steps" --json "$out/seg-$name-${setting##*=}.json" 2>&1 \
             | grep -v Warning | tee -a "$out/seg-figures.md" || fail $?
     done
+    timeout "${SEG_TIMEOUT:-300}" "$python" -m vwe bench train --config "$config" "${sizes[@]}" \
+        --compare cudnn_benchmark --steps "$steps" 2>&1 | grep -v Warning | tee -a "$out/seg-figures.md" || fail $?
 fi
 
 if [ -n "${EVAL_IMAGES:-}" ]; then  # the issue's evaluation figure: that many VOC-sized CAMs, all threads and one
@@ -133,5 +157,11 @@ if [[ $skip != *" pipeline "* ]]; then
     echo "per-stage seconds of the pipeline (each stage's own timing; the rest is start-up and loading):" \
         | tee "$out/pipeline-stages.md"
     "$python" -m vwe.bench.suite stages "$run" "$wall" | tee -a "$out/pipeline-stages.md" || fail $?
+fi
+if [ -n "${PACK:-}" ]; then  # the figures and logs (not data, CAMs or weights) as one archive, for a device
+    # run whose output folder brings back only a few files
+    (cd "$out" && find . -type f \( -name '*.md' -o -name '*.json' -o -name '*.jsonl' -o -name '*.log' \
+        -o -name '*.txt' \) -size -4M -not -path '*/shards/*' -not -path '*/synthetic/*' -not -path '*/cams/*' \
+        -print0 | tar -czf - --null -T -) >"$PACK" || fail $?
 fi
 exit "$status"

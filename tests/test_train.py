@@ -144,3 +144,31 @@ def test_precision_auto_follows_the_device(synthetic_shards, tmp_path):
     s = summary(run)
     assert s["mixed_precision"] == expected and s["mixed_precision_setting"] == "auto"
     assert f"precision auto -> {'bf16' if expected == 'bf16' else 'fp32'} (this CPU" in proc.stderr
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_algorithm_choice_holds_while_training_only(synthetic_shards, tmp_path, deterministic):
+    """train.cudnn_benchmark (never under train.deterministic) and deterministic algorithms hold for the
+    training steps, and the process-wide flags are given back afterwards: `vwe pipeline`'s per-image passes
+    run in the same process."""
+    from conftest import TINY
+    from vwe.formats.config import load_config
+    from vwe.training.recipe import CamRecipe
+    from vwe.training.trainer import train
+
+    seen = []
+
+    class Watching(CamRecipe):
+        def losses(self, net, out, batch, device):
+            seen.append((torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()))
+            return super().losses(net, out, batch, device)
+
+    cfg = load_config(REPO / "configs" / "demo.yaml",
+                      [*TINY, f"data.root={synthetic_shards}", f"output.run_dir={tmp_path / 'run'}",
+                       "data.num_workers=0", "train.max_steps=2", "train.checkpoint_every=0",
+                       f"train.deterministic={str(deterministic).lower()}"])
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled())
+    assert cfg.train.cudnn_benchmark and before == (False, False)
+    assert train(cfg, Watching()) == 0
+    assert seen == [(not deterministic, deterministic)] * 2
+    assert (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before

@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="loader workers (data bench)")
     p.add_argument("--steps", type=int, default=None, help="timed steps or batches")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--compare", default=None, choices=["checkpointing", "channels_last", "recipe", "compile", "sizes"],
+    p.add_argument("--compare", default=None,
+                   choices=["checkpointing", "channels_last", "recipe", "cudnn_benchmark", "compile", "sizes"],
                    help="(train) measure both settings of this option, each in a fresh process; "
                         "(infer) compile: the CAM network eager against torch.compile with weight freezing; "
                         "sizes: one repeated image size against sizes met for the first time, then again")

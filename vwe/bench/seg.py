@@ -38,7 +38,7 @@ def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
     """Seconds per optimizer step, img/s, peak memory and MFU of DeepLab training steps."""
     from vwe.data.loader import micro_batch_size
     from vwe.stages.segment import SegRecipe, seg_training_config
-    from vwe.training.setup import build_parts, make_accelerator
+    from vwe.training.setup import build_parts, choose_algorithms, make_accelerator
     from vwe.training.step import micro_step
 
     tcfg = seg_training_config(cfg)  # the command's: grad_accum micro-batches, or one fused batch
@@ -62,16 +62,21 @@ def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
     parts.optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range((warmup + steps) * accum):
-        if i == warmup * accum:
-            synchronize(device)
-            t0 = time.perf_counter()
-        micro_step(parts, batch)
-    synchronize(device)
+    restore = choose_algorithms(tcfg.train)  # as `vwe segment` runs; prediction (next) runs without
+    try:
+        for i in range((warmup + steps) * accum):
+            if i == warmup * accum:
+                synchronize(device)
+                t0 = time.perf_counter()
+            micro_step(parts, batch)
+        synchronize(device)
+    finally:
+        restore()
     step = (time.perf_counter() - t0) / steps
     peak = peak_tflops(device, precision)
     return {"backbone": cfg.seg.backbone, "device": str(device), "mixed_precision": precision,
             "batch_size": b * accum, "micro_batches": accum, "fused": cfg.seg.fuse_micro_batches,
+            "cudnn_benchmark": tcfg.train.cudnn_benchmark,
             "crop_size": s, "msc_scales": list(cfg.seg.msc_scales), "steps": steps, "step_s": round(step, 4),
             "img_per_s": round(b * accum / step, 2), "peak_mem_mib": round(peak_memory_mib(device), 1),
             "gflop_per_step": round(flops / 1e9, 1), "peak_tflops": round(peak, 2),
@@ -114,7 +119,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     layout = f"{t['micro_batches']} x {t['batch_size'] // t['micro_batches']}" if t["micro_batches"] > 1 else (
         f"one fused batch of {cfg.seg.grad_accum} micro-batches" if t["fused"] else "one batch")
     print(f"segmentation training ({t['backbone']}, batch {t['batch_size']} ({layout}) x {t['crop_size']}px, MSC "
-          f"{t['msc_scales']}, {t['mixed_precision']}, {t['device']}): {t['img_per_s']} img/s, {t['step_s']} s/step, "
+          f"{t['msc_scales']}, {t['mixed_precision']}, {t['device']}"
+          f"{', cuDNN autotuned' if t['cudnn_benchmark'] and 'cuda' in t['device'] else ''}): {t['img_per_s']} img/s, {t['step_s']} s/step, "
           f"{t['gflop_per_step']} GFLOP/step, MFU {100 * t['mfu']:.1f}%, peak {t['peak_mem_mib']} MiB")
     print(f"segmentation prediction (scales {p['test_scales']}{', flip' if p['test_flip'] else ''}, "
           f"{p['mixed_precision']}): {p['img_per_s']} img/s, {p['gflop_per_image']} GFLOP/image, "

@@ -36,6 +36,8 @@ COMPARISONS: dict[str, list[tuple[str, dict[str, dict]]]] = {
                       ("channels_last", {"model": {"channels_last": True}})],
     "recipe": [("published code, fp32", {"model": {"channels_last": False}, "train": {"mixed_precision": "no"}}),
                ("vwe", {})],
+    "cudnn_benchmark": [("cuDNN heuristics", {"train": {"cudnn_benchmark": False}}),
+                        ("cuDNN autotuned", {"train": {"cudnn_benchmark": True}})],
 }
 # Dense peak TFLOP/s per GPU (NVIDIA data sheets, SXM parts; no sparsity): bf16/fp16 tensor cores, and
 # TF32 for fp32 runs (PyTorch uses TF32 for convolutions by default).
@@ -73,7 +75,17 @@ class TrainFigures:
 
 def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigures:
     """Time `steps` training steps (after `warmup` untimed ones) in this process, through the training
-    loop's own setup and `micro_step` (same autocast, input casts and optimizer)."""
+    loop's own setup and `micro_step` (same autocast, input casts, optimizer and cuDNN search)."""
+    from vwe.training.setup import choose_algorithms
+
+    restore = choose_algorithms(cfg.train)
+    try:
+        return _timed_steps(cfg, variant, steps, warmup)
+    finally:
+        restore()
+
+
+def _timed_steps(cfg: Config, variant: str, steps: int, warmup: int) -> TrainFigures:
     from vwe.training.setup import build_parts, make_accelerator
     from vwe.training.step import PhaseTimer, micro_step
 

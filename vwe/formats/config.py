@@ -92,6 +92,9 @@ class TrainConfig:
     compile: bool = _opt(False, doc="torch.compile the model")
     seed: int = _opt(0, min=0, doc="seed of the model initialisation and of every sample's augmentation")
     deterministic: bool = _opt(False, doc="deterministic algorithms (bit-exact resume)")
+    cudnn_benchmark: bool = _opt(True, doc="GPU: cuDNN times its convolution algorithms for each input shape and "
+                                           "keeps the fastest (training crops have one shape); off under "
+                                           "train.deterministic")
     log_every: int = _opt(10, min=1, doc="steps between metrics records and progress lines")
     checkpoint_every: int = _opt(200, min=0, doc="steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = _opt(3, min=1, doc="newest checkpoints kept")

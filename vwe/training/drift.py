@@ -14,7 +14,7 @@ NEUTRAL = frozenset({
     "data.on_corrupt",
     "model.grad_checkpointing",  # non-reentrant recomputation gives the same values
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
-    "train.resume_changed", "train.compile", "train.deterministic",
+    "train.resume_changed", "train.compile", "train.deterministic", "train.cudnn_benchmark",
 })
 TRAINING_SECTIONS = ("data", "model", "train")
 NOT_RECORDED = "<not recorded>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
 
-from vwe.formats.config import Config, ModelConfig
+from vwe.formats.config import Config, ModelConfig, TrainConfig
 from vwe.runtime.dist import import_before_group
 from vwe.data.loader import micro_batch_size, steps_per_epoch
 from vwe.runtime.device import native_bf16, precision_note, resolve_precision
@@ -160,6 +161,28 @@ def built_model_config(cfg: Config, accelerator: Accelerator) -> ModelConfig:
         accelerator.print("note: model.channels_last is not used under DeepSpeed")
         return dataclasses.replace(cfg.model, channels_last=False)
     return cfg.model
+
+
+def choose_algorithms(train: TrainConfig) -> Callable[[], None]:
+    """How the training steps pick their kernels, set process-wide; returns what restores the previous
+    choice (the per-image passes that follow training in `vwe pipeline` run in the same process, on hundreds
+    of image sizes, each of which cuDNN's search would time anew).
+
+    `train.cudnn_benchmark`: cuDNN times its algorithms once per input shape and keeps the fastest.
+    `train.deterministic`: no search, PyTorch's deterministic kernels and cuBLAS's fixed workspace (which
+    CUDA needs for them); an op with no deterministic CUDA kernel (bilinear upsampling's backward, in
+    DeepLab's multi-scale inputs) still runs, with PyTorch's warning naming it, rather than stopping the run."""
+    before = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark and not train.deterministic
+    torch.use_deterministic_algorithms(train.deterministic, warn_only=True)
+
+    def restore() -> None:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+    return restore
 
 
 def build_parts(cfg: Config, accelerator: Accelerator, recipe: Recipe | None = None,

@@ -26,7 +26,7 @@ from vwe.runtime.skips import SkipPolicy
 from vwe.training.checkpointer import CheckpointManager, training_data
 from vwe.training.logger import TrainLogger
 from vwe.training.recipe import CamRecipe, Recipe
-from vwe.training.setup import build_parts, make_accelerator
+from vwe.training.setup import build_parts, choose_algorithms, make_accelerator
 from vwe.training.step import micro_step
 
 
@@ -38,11 +38,11 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(cfg.output.run_dir)
         self.recipe = recipe or CamRecipe()
         self.accelerator = make_accelerator(cfg)
-        set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
+        set_seed(cfg.train.seed)  # deterministic algorithms: choose_algorithms, below
         self.parts = build_parts(cfg, self.accelerator, self.recipe)  # data and model checks: nothing written yet
         self.checkpoints = CheckpointManager(self.parts, self.run_dir, training_data(cfg))  # shards verified
         self.checkpoints.preview_resume()  # resume path, model shape, drift, data: still nothing written
-        self._closers: list = []
+        self._closers: list = [choose_algorithms(cfg.train)]
         lock = RunLock(self.run_dir, self.recipe.command)
         note = collective_call(lambda: lock.acquire().note, main_only=True)
         if self.accelerator.is_main_process:
