@@ -85,6 +85,41 @@ def test_frozen_bn_matches_torch_eval_batchnorm():
     torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
 
 
+@pytest.mark.parametrize("train_affine", [True, False])
+def test_frozen_bn_keeps_its_map_only_while_its_tensors_are_unchanged(train_affine):
+    """The kept scale/shift (and inverse std) give the bits of the formula computed afresh, and are
+    recomputed after every way the statistics or gamma/beta change: load_state_dict, an in-place write, an
+    optimizer step, a move to another dtype; inference_mode's tensors never reach a backward."""
+    def fresh(bn, x):  # the map computed anew, in the layer's own formula
+        scale, shift = bn.scale_shift()
+        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
+
+    bn = FrozenBatchNorm2d(6, train_affine=train_affine)
+    _randomise_bn(bn, seed=1)
+    x = torch.randn(2, 6, 5, 4)
+    for change in ("none", "state_dict", "in place", "step", "double", "inference"):
+        if change == "state_dict":
+            other = FrozenBatchNorm2d(6, train_affine=train_affine)
+            _randomise_bn(other, seed=2)
+            bn.load_state_dict(other.state_dict())
+        elif change == "in place":
+            bn.running_var.mul_(3.0)
+            bn.running_mean.add_(0.5)
+        elif change == "step" and train_affine:
+            opt = torch.optim.SGD(bn.parameters(), lr=0.5)
+            bn(x).square().mean().backward()
+            opt.step()
+        elif change == "double":
+            bn, x = bn.double(), x.double()
+        with torch.inference_mode(change == "inference"):
+            assert torch.equal(bn(x), fresh(bn, x)), change
+        with torch.no_grad():
+            assert torch.equal(bn(x), fresh(bn, x)), change
+        y = x.clone().requires_grad_()
+        bn(y).sum().backward()  # after inference_mode too: its kept tensors are apart
+        assert torch.equal(y.grad, bn.scale_shift()[0].detach().view(1, -1, 1, 1).to(x.dtype).expand_as(x)), change
+
+
 def test_frozen_all_freezes_the_affine_too():
     bb = Backbone("resnet18", norm="frozen_all")
     assert not any("bn" in n or "downsample.1" in n for n, _ in bb.named_parameters())

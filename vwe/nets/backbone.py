@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -48,15 +49,46 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
-    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._kept: dict[str, tuple] = {}
+
+    def scale_shift(self, inv_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The equivalent affine map y = x * scale + shift (per channel)."""
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        scale = self.weight * ((self.running_var + self.eps).rsqrt() if inv_std is None else inv_std)
         return scale, self.bias - self.running_mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.scale_shift()
+        scale, shift = self._affine(x.dtype)
         # one fused op: a single output tensor (x * scale + shift would make a full-size temporary)
-        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x, scale.view(1, -1, 1, 1).to(x.dtype))
+        return torch.addcmul(shift, x, scale)
+
+    def _affine(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """scale and shift as (1, C, 1, 1) tensors of `dtype`. What cannot change from one forward to the
+        next is kept, to the same bits: the whole map when nothing differentiates it (frozen_all, or autograd
+        off), else the inverse standard deviation. A step of DeepLab on a GPU is bound by how fast the host
+        launches kernels, and this map took ten of them per layer and forward where one remains."""
+        stats = (self.running_mean, self.running_var)
+        if torch.compiler.is_compiling():  # the compiler folds what is constant itself
+            return self._shaped(self.scale_shift(), dtype)
+        if self.train_affine and torch.is_grad_enabled():  # gamma/beta learn: their part is recomputed
+            inv_std = self._keep("inv_std", stats[1:], lambda: (self.running_var + self.eps).rsqrt())
+            return self._shaped(self.scale_shift(inv_std), dtype)
+        # inference tensors (made under inference_mode) cannot be saved for a backward: kept apart
+        return self._keep(f"map {dtype} {torch.is_inference_mode_enabled()}", (self.weight, self.bias, *stats),
+                          lambda: self._shaped(self.scale_shift(), dtype))
+
+    @staticmethod
+    def _shaped(scale_shift: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return tuple(t.view(1, -1, 1, 1).to(dtype) for t in scale_shift)
+
+    def _keep(self, name: str, sources: tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
+        """compute()'s value, kept until one of `sources` is replaced (another tensor, or other memory: a move
+        to another device, a DeepSpeed gather) or written in place (load_state_dict, a broadcast: its version
+        counter)."""
+        stamp = tuple((t._version, t.data_ptr()) for t in sources)
+        kept = self._kept.get(name)
+        if kept is None or kept[1] != stamp or any(a is not b for a, b in zip(kept[0], sources)):
+            kept = self._kept[name] = (sources, stamp, compute())
+        return kept[2]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
