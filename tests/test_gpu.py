@@ -65,3 +65,25 @@ def test_inference_and_evaluation_on_gpu(synthetic_shards, tmp_path):
 def test_two_processes_over_nccl(synthetic_shards, tmp_path):
     s = train(synthetic_shards, tmp_path / "run", "train.max_steps=4", processes=2, launch="launch/multi_gpu.yaml")
     assert s["processes"] == 2 and s["distributed_type"] == "MULTI_GPU" and s["replicas_identical"]
+
+
+def test_step_launches_counts_ops_and_times_kernels_on_gpu():
+    """The pace figures of `vwe bench train/seg`: the ops a step dispatches, and the seconds its kernels ran,
+    which cannot exceed the step's wall time (one stream)."""
+    import time
+    from vwe.bench.launches import step_launches
+    device = torch.device("cuda")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3)).to(device)
+    x = torch.randn(4, 3, 64, 64, device=device)
+
+    def step():
+        net(x).square().mean().backward()
+
+    step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    f = step_launches(step, device)
+    assert f["ops_per_step"] >= 8 and 0 < f["kernel_s_per_step"] < 5 * wall

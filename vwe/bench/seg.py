@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from vwe.bench.launches import LAUNCH_STEPS, pace_note, step_launches
 from vwe.bench.train import peak_tflops
 from vwe.data.transforms import normalize
 from vwe.formats.config import Config
@@ -42,11 +43,12 @@ def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
     from vwe.training.step import micro_step
 
     tcfg = seg_training_config(cfg)  # the command's: grad_accum micro-batches, or one fused batch
-    tcfg = dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, max_steps=warmup + steps))
+    total = warmup + steps + LAUNCH_STEPS
+    tcfg = dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, max_steps=total))
     accelerator = make_accelerator(tcfg)
     device = accelerator.device
     recipe = SegRecipe(cfg)
-    parts = build_parts(tcfg, accelerator, recipe, steps_epoch=warmup + steps)
+    parts = build_parts(tcfg, accelerator, recipe, steps_epoch=total)
     accum = tcfg.train.grad_accum
     b, s = micro_batch_size(tcfg.train, accelerator.num_processes), tcfg.data.crop_size
     gen = torch.Generator().manual_seed(0)
@@ -70,9 +72,10 @@ def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
                 t0 = time.perf_counter()
             micro_step(parts, batch)
         synchronize(device)
+        step = (time.perf_counter() - t0) / steps
+        launches = step_launches(lambda: [micro_step(parts, batch) for _ in range(accum)], device)
     finally:
         restore()
-    step = (time.perf_counter() - t0) / steps
     peak = peak_tflops(device, precision)
     return {"backbone": cfg.seg.backbone, "device": str(device), "mixed_precision": precision,
             "batch_size": b * accum, "micro_batches": accum, "fused": cfg.seg.fuse_micro_batches,
@@ -80,7 +83,7 @@ def measure_training(cfg: Config, steps: int, warmup: int = 1) -> dict:
             "crop_size": s, "msc_scales": list(cfg.seg.msc_scales), "steps": steps, "step_s": round(step, 4),
             "img_per_s": round(b * accum / step, 2), "peak_mem_mib": round(peak_memory_mib(device), 1),
             "gflop_per_step": round(flops / 1e9, 1), "peak_tflops": round(peak, 2),
-            "mfu": round(flops / step / (peak * 1e12), 4) if peak else 0.0}
+            "mfu": round(flops / step / (peak * 1e12), 4) if peak else 0.0, **launches}
 
 
 @torch.no_grad()
@@ -120,8 +123,10 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         f"one fused batch of {cfg.seg.grad_accum} micro-batches" if t["fused"] else "one batch")
     print(f"segmentation training ({t['backbone']}, batch {t['batch_size']} ({layout}) x {t['crop_size']}px, MSC "
           f"{t['msc_scales']}, {t['mixed_precision']}, {t['device']}"
-          f"{', cuDNN autotuned' if t['cudnn_benchmark'] and 'cuda' in t['device'] else ''}): {t['img_per_s']} img/s, {t['step_s']} s/step, "
-          f"{t['gflop_per_step']} GFLOP/step, MFU {100 * t['mfu']:.1f}%, peak {t['peak_mem_mib']} MiB")
+          f"{', cuDNN autotuned' if t['cudnn_benchmark'] and 'cuda' in t['device'] else ''}): "
+          f"{t['img_per_s']} img/s, {t['step_s']} s/step, "
+          f"{t['gflop_per_step']} GFLOP/step, MFU {100 * t['mfu']:.1f}%, peak {t['peak_mem_mib']} MiB; "
+          f"{pace_note(t['ops_per_step'], t['kernel_s_per_step'], t['step_s'])}")
     print(f"segmentation prediction (scales {p['test_scales']}{', flip' if p['test_flip'] else ''}, "
           f"{p['mixed_precision']}): {p['img_per_s']} img/s, {p['gflop_per_image']} GFLOP/image, "
           f"MFU {100 * p['mfu']:.1f}%")

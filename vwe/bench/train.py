@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from vwe.bench.launches import LAUNCH_STEPS, pace_note, step_launches
 from vwe.formats.config import Config, load_config, save_config
 from vwe.data.transforms import normalize
 from vwe.runtime.device import autocast, peak_memory_mib, synchronize
@@ -71,6 +72,8 @@ class TrainFigures:
     flops_per_step: float = 0.0  # forward + backward, counted by torch.utils.flop_counter
     peak_tflops: float = 0.0     # the device's peak in this precision (CPU: measured matmul rate)
     mfu: float = 0.0
+    ops_per_step: int = 0                    # ATen ops one step dispatches (vwe/bench/launches.py)
+    kernel_s_per_step: float | None = None   # GPU: seconds its kernels ran (CUDA profiler); None on a CPU
 
 
 def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigures:
@@ -92,8 +95,9 @@ def _timed_steps(cfg: Config, variant: str, steps: int, warmup: int) -> TrainFig
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)
-    bench_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=warmup + steps))
-    parts = build_parts(bench_cfg, accelerator, steps_epoch=warmup + steps)
+    total = warmup + steps + LAUNCH_STEPS
+    bench_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=total))
+    parts = build_parts(bench_cfg, accelerator, steps_epoch=total)
     synchronize(device)
     model_mem = peak_memory_mib(device)  # before the FLOP count's forward and backward raise the peak
     b, s = cfg.train.batch_size, cfg.data.crop_size
@@ -122,16 +126,18 @@ def _timed_steps(cfg: Config, variant: str, steps: int, warmup: int) -> TrainFig
             waits.append(t0 - tw)
     step = timer.mean("forward") + timer.mean("backward") + timer.mean("optimizer")
     wait = sum(waits) / len(waits)
+    peak_mem = peak_memory_mib(device)
+    launches = step_launches(lambda: micro_step(parts, {"image": images, "labels": labels}), device)
     peak = peak_tflops(device, precision)
     return TrainFigures(
         variant=variant, backbone=cfg.model.backbone, device=str(device), batch_size=b, crop_size=s,
         mixed_precision=precision, grad_checkpointing=cfg.model.grad_checkpointing,
         steps=steps, img_per_s=b / (step + wait), step_s=step + wait, forward_s=timer.mean("forward"),
         backward_s=timer.mean("backward"), optimizer_s=timer.mean("optimizer"),
-        peak_mem_mib=peak_memory_mib(device),
+        peak_mem_mib=peak_mem,
         mem_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
         model_mem_mib=model_mem, data_wait_s=wait, input=source, flops_per_step=flops, peak_tflops=peak,
-        mfu=flops / (step + wait) / (peak * 1e12) if peak else 0.0)
+        mfu=flops / (step + wait) / (peak * 1e12) if peak else 0.0, **launches)
 
 
 def _input(cfg: Config, device: torch.device, n: int):
@@ -211,6 +217,7 @@ def format_table(rows: list[TrainFigures]) -> str:
         lines.append(f"{r.variant:<20} {r.img_per_s:8.2f} {r.step_s:8.3f} {r.data_wait_s:7.3f} {r.forward_s:8.3f} "
                      f"{r.backward_s:8.3f} {r.optimizer_s:8.3f} {r.peak_mem_mib:9.0f} {r.model_mem_mib:9.0f} "
                      f"{step_mem(r):9.0f} {r.flops_per_step / 1e9:8.1f} {100 * r.mfu:5.1f}%")
+    lines += [f"{r.variant}: {pace_note(r.ops_per_step, r.kernel_s_per_step, r.step_s)}" for r in rows]
     lines.append(f"input: {rows[0].input}; MFU against {rows[-1].peak_tflops:.2f} TFLOP/s "
                  f"({'data sheet' if 'cuda' in rows[-1].device else 'measured matmul peak of this CPU'})")
     return "\n".join(lines)

@@ -1,0 +1,20 @@
+"""The pace figures of the benchmarks (vwe/bench/launches.py) on the CPU: every dispatched op is counted."""
+from __future__ import annotations
+
+import torch
+
+from vwe.bench.launches import pace_note, step_launches
+
+
+def test_step_launches_counts_each_dispatched_op():
+    x = torch.randn(4, 4, requires_grad=True)
+
+    def step():
+        (x * 2).relu().sum().backward()
+
+    # mul, relu, the detach autograd makes to save relu's output for its backward, sum
+    forward_only = step_launches(lambda: (x * 2).relu().sum(), torch.device("cpu"))
+    assert forward_only == {"ops_per_step": 4, "kernel_s_per_step": None}
+    assert step_launches(step, torch.device("cpu"))["ops_per_step"] > 3
+    assert pace_note(1000, None, 0.05) == "1000 ops/step (50.0 us of wall time per op)"
+    assert pace_note(1000, 0.01, 0.05).endswith(", GPU busy 20% of the step")

@@ -1,0 +1,58 @@
+"""Who sets the pace of a step, the device or the host issuing its work (docs/benchmarks.md).
+
+In eager PyTorch every ATen op the step dispatches costs the host some microseconds (Python, autograd,
+autocast, the launch itself), whatever the size of its tensors; a GPU runs a small op's kernel in less.
+`step_launches` counts the ops of one step and, on a GPU, sums how long its kernels ran (the CUDA
+profiler). A device busy for only part of the step's wall time, at a few microseconds of wall time per
+op, is waiting for the host: fewer ops (or CUDA graphs) raise the rate there, a faster GPU would not.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vwe.runtime.device import synchronize
+
+LAUNCH_STEPS = 2  # the steps step_launches may run (schedules must allow for them): counted, then profiled
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while it is active (views and detaches included: they cost the
+    host a dispatch without a kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_launches(step: Callable[[], object], device: torch.device) -> dict:
+    """Run `step` once counting its dispatched ops, and on a GPU once more under the CUDA profiler:
+    {"ops_per_step", "kernel_s_per_step" (None on a CPU)}. Both runs are real steps (an optimizer step
+    changes the weights): call it where that does not matter, outside the timed steps."""
+    counter = _OpCounter()
+    with counter:
+        step()
+    kernel_s = None
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            synchronize(device)
+        kernel_s = sum(e.self_device_time_total for e in prof.key_averages()
+                       if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    return {"ops_per_step": counter.ops, "kernel_s_per_step": kernel_s}
+
+
+def pace_note(ops: int, kernel_s: float | None, step_s: float) -> str:
+    """One line: ops per step, wall time per op, and (GPU) the share of the step the device was busy."""
+    line = f"{ops} ops/step ({1e6 * step_s / ops:.1f} us of wall time per op)"
+    if kernel_s is not None:
+        line += f", GPU busy {100 * kernel_s / step_s:.0f}% of the step"
+    return line
