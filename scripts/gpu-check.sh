@@ -7,7 +7,7 @@
 # env: PYTHON; STEPS (suite), PIPELINE_STEPS; SUITE_ARGS (extra overrides); DOC; TEST_TIMEOUT, SUITE_TIMEOUT,
 #      PIPELINE_TIMEOUT, SEG_TIMEOUT; SKIP="tests suite seg pipeline" (any of them, to run the parts in
 #      separate calls; seg: `vwe bench seg` accumulated with train.cudnn_benchmark false, then true, then with
-#      seg.fuse_micro_batches; and `vwe bench train --compare cudnn_benchmark`);
+#      seg.fuse_micro_batches, then also seg.compile; and `vwe bench train --compare cudnn_benchmark`);
 #      EVAL_IMAGES=1464: also `vwe bench eval` on that many made-up VOC-sized CAMs (made first: images in
 #      parallel by `vwe synth`, then shards and CAMs);
 #      INFER_IMAGES=1464: also the device's cost of new image sizes (`vwe bench infer --compare sizes`,
@@ -85,14 +85,16 @@ if [[ $skip != *" suite "* ]]; then
 fi
 
 if [[ $skip != *" seg "* ]]; then  # DeepLab's step as the recipe runs it (2 x 5 crops), without and with
-    # cuDNN's algorithm search, then fused (one batch of 10); and the CAM network's step without and with it
-    echo "== vwe bench seg: accumulated (cuDNN heuristics, then autotuned), fused; vwe bench train" >&2
-    for variant in "accumulated train.cudnn_benchmark=false" "accumulated train.cudnn_benchmark=true" \
-                   "fused seg.fuse_micro_batches=true"; do
-        read -r name setting <<< "$variant"
-        timeout "${SEG_TIMEOUT:-300}" "$python" -m vwe bench seg --config "$config" "${sizes[@]}" "$setting" \
-            --steps "$steps" --json "$out/seg-$name-${setting##*=}.json" 2>&1 \
-            | grep -v Warning | tee -a "$out/seg-figures.md" || fail $?
+    # cuDNN's algorithm search, then fused (one batch of 10), then fused and compiled; and the CAM network's
+    # step without and with the search
+    echo "== vwe bench seg: heuristics, autotuned, fused, fused + compiled; vwe bench train" >&2
+    for variant in "heuristics train.cudnn_benchmark=false" "autotuned" "fused seg.fuse_micro_batches=true" \
+                   "fused-compiled seg.fuse_micro_batches=true seg.compile=true"; do
+        read -r name settings <<< "$variant"
+        # shellcheck disable=SC2086  # settings: a list of config overrides
+        timeout "${SEG_TIMEOUT:-300}" "$python" -m vwe bench seg --config "$config" "${sizes[@]}" $settings \
+            --steps "$steps" --json "$out/seg-$name.json" 2>&1 | grep -v Warning | tee -a "$out/seg-figures.md" \
+            || fail $?
     done
     timeout "${SEG_TIMEOUT:-300}" "$python" -m vwe bench train --config "$config" "${sizes[@]}" \
         --compare cudnn_benchmark --steps "$steps" 2>&1 | grep -v Warning | tee -a "$out/seg-figures.md" || fail $?

@@ -14,7 +14,10 @@ def test_step_launches_counts_each_dispatched_op():
 
     # mul, relu, the detach autograd makes to save relu's output for its backward, sum
     forward_only = step_launches(lambda: (x * 2).relu().sum(), torch.device("cpu"))
-    assert forward_only == {"ops_per_step": 4, "kernel_s_per_step": None}
+    assert forward_only == {"ops_per_step": 4, "kernels_per_step": None, "kernel_s_per_step": None}
+    assert step_launches(step, torch.device("cpu"), compiled=True)["ops_per_step"] is None
     assert step_launches(step, torch.device("cpu"))["ops_per_step"] > 3
-    assert pace_note(1000, None, 0.05) == "1000 ops/step (50.0 us of wall time per op)"
-    assert pace_note(1000, 0.01, 0.05).endswith(", GPU busy 20% of the step")
+    cpu = {"ops_per_step": 1000, "kernels_per_step": None, "kernel_s_per_step": None}
+    assert pace_note(cpu, 0.05) == "1000 ops/step (50.0 us of wall time per op)"
+    gpu = {"ops_per_step": None, "kernels_per_step": 800, "kernel_s_per_step": 0.01}
+    assert pace_note(gpu, 0.05) == "800 GPU kernels/step, GPU busy 20% of the step"

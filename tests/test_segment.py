@@ -46,9 +46,9 @@ def seg_args(command: str, shards: Path, seg_root: Path, run: Path, *extra: str)
             f"output.run_dir={run}", *extra]
 
 
-def run_seg(processes: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_cmd(processes, *args), cwd=REPO, env=ENV, text=True, capture_output=True,
-                          timeout=600)
+def run_seg(processes: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_cmd(processes, *args), cwd=REPO, env={**ENV, **(env or {})}, text=True,
+                          capture_output=True, timeout=600)
 
 
 def test_segment_resumes_exactly_after_sigkill_and_refuses_drift(synthetic_shards, seg_data, tmp_path):
@@ -127,6 +127,30 @@ def test_fused_micro_batches_train_what_accumulation_trains(synthetic_shards, se
     proc = run_seg(1, *seg_args("segment", synthetic_shards, seg_data, tmp_path / "odd", *per_sample,
                                 "seg.batch_size=6", "seg.grad_accum=4", "seg.fuse_micro_batches=true"))
     assert proc.returncode == 2 and "seg.batch_size (6) must be divisible" in proc.stderr
+
+
+def test_compiled_training_trains_what_eager_trains(synthetic_shards, seg_data, tmp_path):
+    """seg.compile: DeepLab's training steps through torch.compile (inductor: its cache fills) give eager's
+    loss and weights to float tolerance in fp32; checkpoints and exported weights carry the eager module's
+    names, so the run resumes with compiling switched off."""
+    one_step = ["seg.max_steps=1", "seg.mixed_precision=no"]
+    runs = {c: tmp_path / f"compile-{c}" for c in ("false", "true")}
+    inductor = tmp_path / "inductor"
+    for c, run in runs.items():
+        ok(run_seg(1, *seg_args("segment", synthetic_shards, seg_data, run, *one_step, f"seg.compile={c}"),
+                   env={"TORCHINDUCTOR_CACHE_DIR": str(inductor)}))
+        assert any(p.is_file() for p in inductor.rglob("*")) == (c == "true")
+    losses = {c: json.loads((r / "seg" / "metrics.jsonl").read_text().splitlines()[0])["loss/loss"]
+              for c, r in runs.items()}
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+    eager, compiled = final_weights(runs["false"] / "seg"), final_weights(runs["true"] / "seg")
+    assert compiled.keys() == eager.keys()
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-6, msg=k)
+    ok(run_seg(1, *seg_args("segment", synthetic_shards, seg_data, runs["true"], "seg.max_steps=2",
+                            "seg.mixed_precision=no", "seg.compile=false", "train.resume_changed=allow")))
+    resumed = json.loads((runs["true"] / "seg" / "summary.json").read_text())
+    assert resumed["steps"] == 2 and resumed["steps_this_run"] == 1
 
 
 def test_segment_eval_layout_report_and_rerun(synthetic_shards, seg_data, tmp_path):

@@ -31,28 +31,36 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_launches(step: Callable[[], object], device: torch.device) -> dict:
-    """Run `step` once counting its dispatched ops, and on a GPU once more under the CUDA profiler:
-    {"ops_per_step", "kernel_s_per_step" (None on a CPU)}. Both runs are real steps (an optimizer step
-    changes the weights): call it where that does not matter, outside the timed steps."""
-    counter = _OpCounter()
-    with counter:
-        step()
-    kernel_s = None
+def step_launches(step: Callable[[], object], device: torch.device, compiled: bool = False) -> dict:
+    """Run `step` once counting its dispatched ops (not when `compiled`: the compiler's kernels bypass the
+    dispatcher, and a dispatch mode would run the step eagerly), and on a GPU once more under the CUDA
+    profiler: {"ops_per_step", "kernels_per_step", "kernel_s_per_step"}, None where not measured. Both
+    runs are real steps (an optimizer step changes the weights): call it outside the timed steps."""
+    ops = kernels = kernel_s = None
+    if not compiled:
+        counter = _OpCounter()
+        with counter:
+            step()
+        ops = counter.ops
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         synchronize(device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             synchronize(device)
-        kernel_s = sum(e.self_device_time_total for e in prof.key_averages()
-                       if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    return {"ops_per_step": counter.ops, "kernel_s_per_step": kernel_s}
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = sum(e.count for e in events)
+        kernel_s = sum(e.self_device_time_total for e in events) / 1e6
+    return {"ops_per_step": ops, "kernels_per_step": kernels, "kernel_s_per_step": kernel_s}
 
 
-def pace_note(ops: int, kernel_s: float | None, step_s: float) -> str:
-    """One line: ops per step, wall time per op, and (GPU) the share of the step the device was busy."""
-    line = f"{ops} ops/step ({1e6 * step_s / ops:.1f} us of wall time per op)"
-    if kernel_s is not None:
-        line += f", GPU busy {100 * kernel_s / step_s:.0f}% of the step"
-    return line
+def pace_note(figures: dict, step_s: float) -> str:
+    """One line: ops per step and wall time per op; on a GPU the kernels and the share of the step the
+    device was busy."""
+    ops, kernels, kernel_s = figures["ops_per_step"], figures["kernels_per_step"], figures["kernel_s_per_step"]
+    parts = []
+    if ops:
+        parts.append(f"{ops} ops/step ({1e6 * step_s / ops:.1f} us of wall time per op)")
+    if kernels:
+        parts.append(f"{kernels} GPU kernels/step, GPU busy {100 * kernel_s / step_s:.0f}% of the step")
+    return "; ".join(parts) or "pace not measured"

@@ -72,8 +72,9 @@ class TrainFigures:
     flops_per_step: float = 0.0  # forward + backward, counted by torch.utils.flop_counter
     peak_tflops: float = 0.0     # the device's peak in this precision (CPU: measured matmul rate)
     mfu: float = 0.0
-    ops_per_step: int = 0                    # ATen ops one step dispatches (vwe/bench/launches.py)
-    kernel_s_per_step: float | None = None   # GPU: seconds its kernels ran (CUDA profiler); None on a CPU
+    ops_per_step: int | None = None          # ATen ops one step dispatches (eager; vwe/bench/launches.py)
+    kernels_per_step: int | None = None      # GPU: kernels one step ran (CUDA profiler)
+    kernel_s_per_step: float | None = None   # GPU: seconds they ran
 
 
 def measure(cfg: Config, variant: str, steps: int, warmup: int = 1) -> TrainFigures:
@@ -127,7 +128,8 @@ def _timed_steps(cfg: Config, variant: str, steps: int, warmup: int) -> TrainFig
     step = timer.mean("forward") + timer.mean("backward") + timer.mean("optimizer")
     wait = sum(waits) / len(waits)
     peak_mem = peak_memory_mib(device)
-    launches = step_launches(lambda: micro_step(parts, {"image": images, "labels": labels}), device)
+    launches = step_launches(lambda: micro_step(parts, {"image": images, "labels": labels}), device,
+                             compiled=cfg.train.compile)
     peak = peak_tflops(device, precision)
     return TrainFigures(
         variant=variant, backbone=cfg.model.backbone, device=str(device), batch_size=b, crop_size=s,
@@ -217,7 +219,7 @@ def format_table(rows: list[TrainFigures]) -> str:
         lines.append(f"{r.variant:<20} {r.img_per_s:8.2f} {r.step_s:8.3f} {r.data_wait_s:7.3f} {r.forward_s:8.3f} "
                      f"{r.backward_s:8.3f} {r.optimizer_s:8.3f} {r.peak_mem_mib:9.0f} {r.model_mem_mib:9.0f} "
                      f"{step_mem(r):9.0f} {r.flops_per_step / 1e9:8.1f} {100 * r.mfu:5.1f}%")
-    lines += [f"{r.variant}: {pace_note(r.ops_per_step, r.kernel_s_per_step, r.step_s)}" for r in rows]
+    lines += [f"{r.variant}: {pace_note(asdict(r), r.step_s)}" for r in rows]
     lines.append(f"input: {rows[0].input}; MFU against {rows[-1].peak_tflops:.2f} TFLOP/s "
                  f"({'data sheet' if 'cuda' in rows[-1].device else 'measured matmul peak of this CPU'})")
     return "\n".join(lines)

@@ -181,6 +181,8 @@ class SegConfig:
                                                "each one's loss averaged on its own as when accumulated: the same "
                                                "samples and gradients to float tolerance, larger batches on the "
                                                "device; needs a per-sample norm (frozen_all, frozen, group)")
+    compile: bool = _opt(False, doc="torch.compile DeepLab for training: fused elementwise work, fewer kernel "
+                                    "launches, minutes of compiling at the start (docs/segmentation.md)")
     max_steps: int = _opt(20000, min=1, doc="optimizer steps (iterations)")
     lr: float = _opt(2.5e-4, min=0.0, doc="backbone learning rate")
     head_lr_mult: float = _opt(10.0, min=0.0, doc="ASPP weights learn at lr x this")

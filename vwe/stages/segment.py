@@ -27,9 +27,10 @@ from vwe.stages.segment_eval import seg_dir
 from vwe.training.recipe import Recipe
 from vwe.training.trainer import train
 
-# `seg` keys that do not change what training computes (prediction, CRF and where files go)
-EVAL_KEYS = frozenset({"seg.eval_split", "seg.test_scales", "seg.test_flip", "seg.crf", "seg.crf_iterations",
-                       "seg.crf_pos_w", "seg.crf_pos_xy_std", "seg.crf_bi_w", "seg.crf_bi_xy_std",
+# `seg` keys that do not change what training computes (prediction, CRF and where files go; compiling,
+# which rounds differently only where autocast would round each op: train.compile's rule)
+EVAL_KEYS = frozenset({"seg.compile", "seg.eval_split", "seg.test_scales", "seg.test_flip", "seg.crf",
+                       "seg.crf_iterations", "seg.crf_pos_w", "seg.crf_pos_xy_std", "seg.crf_bi_w", "seg.crf_bi_xy_std",
                        "seg.crf_bi_rgb_std", "seg.crf_image", "seg.infer_precision", "seg.eval_batch_size",
                        "seg.weights", "seg.out_dir", "seg.data_root", "seg.checkpoint_every", "seg.train_split"})
 # the derived data section's keys the segmentation loader does not read
@@ -53,7 +54,7 @@ def seg_training_config(cfg: Config) -> Config:
         cfg.train, epochs=1, max_steps=sc.max_steps, batch_size=sc.batch_size,
         grad_accum=1 if sc.fuse_micro_batches else sc.grad_accum, lr=sc.lr,
         head_lr_mult=sc.head_lr_mult, momentum=sc.momentum, weight_decay=sc.weight_decay, poly_power=sc.poly_power,
-        mixed_precision=sc.mixed_precision, compile=False, checkpoint_every=sc.checkpoint_every, resume="auto")
+        mixed_precision=sc.mixed_precision, compile=sc.compile, checkpoint_every=sc.checkpoint_every, resume="auto")
     data_cfg = dataclasses.replace(cfg.data, root=seg_data_root(cfg), train_split=sc.train_split,
                                    crop_size=sc.crop_size, flip=sc.flip)
     model_cfg = ModelConfig(channels_last=cfg.model.channels_last)

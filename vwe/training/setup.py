@@ -196,15 +196,15 @@ def build_parts(cfg: Config, accelerator: Accelerator, recipe: Recipe | None = N
     model_cfg = built_model_config(cfg, accelerator)
     model = recipe.build(cfg, model_cfg)
     if cfg.train.compile:
-        model = torch.compile(model)
+        # in place (Module.compile): no `_orig_mod.` wrapper, so checkpoints and the exported weights keep the
+        # eager module's names, and a run may resume with compiling switched on or off
+        model.compile()
     groups = recipe.param_groups(model, cfg)
     optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
     configure_deepspeed(accelerator, micro_batch, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
-    if hasattr(net, "_orig_mod"):  # torch.compile
-        net = net._orig_mod
     steps_epoch = steps_epoch or steps_per_epoch(cfg.data, cfg.train)
     max_steps = cfg.train.max_steps or cfg.train.epochs * steps_epoch
     # Not prepared by Accelerate (which would step it once per process): stepped once per optimizer
