@@ -353,3 +353,22 @@ def test_imagenet_absent_names_file_and_folder(tmp_path, monkeypatch):
         build_backbone("resnet34", pretrained="imagenet")
     assert path.name in str(info.value) and str(path.parent) in str(info.value)
     assert not path.exists()
+
+
+def test_only_frozen_buffers_tells_which_models_have_buffers_that_change():
+    """What decides DDP's per-forward buffer broadcast (vwe/training/setup.py): frozen BatchNorm's buffers
+    never change; a trainable BatchNorm's statistics and a memory bank do."""
+    from vwe.formats.config import load_config
+    from vwe.nets.backbone import only_frozen_buffers
+    from vwe.nets.cam import build_model
+
+    def model(*overrides):
+        built = build_model(load_config(None, ["model.pretrained=none", "model.backbone=resnet18",
+                                               *overrides]).model)
+        return built[0] if isinstance(built, tuple) else built
+
+    assert only_frozen_buffers(model("model.norm=frozen", "model.codebook=learned"))
+    assert only_frozen_buffers(model("model.norm=frozen_all", "model.codebook=learned"))
+    assert not only_frozen_buffers(model("model.norm=frozen", "model.codebook=memory"))
+    assert not only_frozen_buffers(model("model.norm=batch", "model.codebook=learned"))
+    assert only_frozen_buffers(model("model.norm=group", "model.codebook=learned"))

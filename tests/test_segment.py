@@ -95,11 +95,15 @@ def test_segment_sigterm_checkpoints_and_exits_75(synthetic_shards, seg_data, tm
 
 
 @pytest.mark.multiprocess
-def test_two_process_segment_replicas_agree(synthetic_shards, seg_data, tmp_path):
+@pytest.mark.parametrize("norm", ["batch", "frozen_all"])
+def test_two_process_segment_replicas_agree(synthetic_shards, seg_data, tmp_path, norm):
+    """Two ranks end with the same weights; DDP broadcasts the buffers before each forward only where they
+    change (a trainable BatchNorm's statistics, not frozen ones)."""
     run = tmp_path / "run"
-    ok(run_seg(2, *seg_args("segment", synthetic_shards, seg_data, run, "seg.max_steps=3")))
+    ok(run_seg(2, *seg_args("segment", synthetic_shards, seg_data, run, "seg.max_steps=3", f"seg.norm={norm}")))
     summary = json.loads((run / "seg" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["replicas_identical"] and summary["batches_per_rank"] == [3, 3]
+    assert summary["ddp_broadcast_buffers"] == (norm == "batch")
 
 
 def test_fused_micro_batches_train_what_accumulation_trains(synthetic_shards, seg_data, tmp_path):

@@ -100,6 +100,13 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}, train_affine={self.train_affine}"
 
 
+def only_frozen_buffers(model: nn.Module) -> bool:
+    """Whether every buffer of `model` is a frozen BatchNorm's (statistics and affine that never change in
+    training); a memory bank or a trainable BatchNorm's running statistics are buffers that do."""
+    frozen = {id(b) for m in model.modules() if isinstance(m, FrozenBatchNorm2d) for b in m.buffers(recurse=False)}
+    return all(id(b) in frozen for b in model.buffers())
+
+
 def norm_layer(norm: str) -> Callable[[int], nn.Module]:
     """The per-channel normalisation constructor for `model.norm`."""
     if norm == "frozen":

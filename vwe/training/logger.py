@@ -154,6 +154,8 @@ class TrainLogger:
             "mixed_precision": acc.mixed_precision, "mixed_precision_setting": self.cfg.train.mixed_precision,
             "distributed_type": str(acc.distributed_type).split(".")[-1], **extra,
         }
+        if isinstance(self.parts.engine, torch.nn.parallel.DistributedDataParallel):
+            summary["ddp_broadcast_buffers"] = self.parts.engine.broadcast_buffers
         if self.main:
             atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2), "run summary")
             print("run summary: " + json.dumps(summary), flush=True)

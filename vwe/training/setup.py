@@ -10,9 +10,11 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.utils import (DistributedDataParallelKwargs, DistributedType, GradientAccumulationPlugin,
+                               InitProcessGroupKwargs)
 
 from vwe.formats.config import Config, ModelConfig, TrainConfig
+from vwe.nets.backbone import only_frozen_buffers
 from vwe.runtime.dist import import_before_group
 from vwe.data.loader import micro_batch_size, steps_per_epoch
 from vwe.runtime.device import native_bf16, precision_note, resolve_precision
@@ -203,6 +205,10 @@ def build_parts(cfg: Config, accelerator: Accelerator, recipe: Recipe | None = N
     optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
     configure_deepspeed(accelerator, micro_batch, cfg)
+    # DDP broadcasts rank 0's buffers before every forward. Frozen BatchNorm's never change after DDP's
+    # first synchronisation, so there it would only rewrite them (and make each frozen layer recompute its
+    # kept affine map every forward); a memory bank or a trainable BatchNorm keeps the broadcast.
+    accelerator.ddp_handler = DistributedDataParallelKwargs(broadcast_buffers=not only_frozen_buffers(model))
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
     steps_epoch = steps_epoch or steps_per_epoch(cfg.data, cfg.train)
