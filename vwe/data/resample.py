@@ -71,29 +71,31 @@ def axis_weights(in_size: int, out_size: int, mode: str = "bicubic") -> tuple[np
     return starts, ints, precision
 
 
-def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host array on `device`; to a GPU from pinned memory without waiting (a pageable copy would wait
-    for every kernel queued before it)."""
-    t = torch.from_numpy(array)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+@functools.lru_cache(maxsize=512)
+def _taps(in_size: int, out_size: int, mode: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One axis's gather indices [out * taps] (clamped: the weight is 0 past an output's own taps) and int32
+    weights [out, taps] on `device`, and the precision. Kept per size pair and device: VOC's sizes recur,
+    and a GPU gets them from pinned memory without waiting (a pageable copy would wait for every kernel
+    queued before it)."""
+    starts, weights, precision = axis_weights(in_size, out_size, mode)
+    idx = np.minimum(starts[:, None] + np.arange(weights.shape[1])[None, :], in_size - 1).reshape(-1)
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (idx, weights.astype(np.int32))]
+    if device.type == "cuda":
+        tensors = [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+    return tensors[0], tensors[1], precision
 
 
 def _pass(x: torch.Tensor, out_size: int, dim: int, mode: str) -> torch.Tensor:
-    """Resize uint8 `x` along `dim` (-1 or -2) to out_size, in torch's fixed point."""
-    starts, weights, precision = axis_weights(x.shape[dim], out_size, mode)
-    taps = weights.shape[1]
-    # (taps, out): each tap's indices contiguous for index_select
-    idx = _to(np.ascontiguousarray(np.minimum(starts[None, :] + np.arange(taps)[:, None], x.shape[dim] - 1)),
-              x.device)
-    w = _to(np.ascontiguousarray(weights.T.astype(np.int32)), x.device)
-    acc = torch.full((), 1 << (precision - 1), dtype=torch.int32, device=x.device)
-    src = x.to(torch.int32)
-    for k in range(taps):  # the weight is 0 where an output has fewer taps, so the clamped index is harmless
-        if dim == -1:
-            acc = acc + src.index_select(-1, idx[k]) * w[k]
-        else:
-            acc = acc + src.index_select(-2, idx[k]) * w[k, :, None]
-    return (acc >> precision).clamp_(0, 255).to(torch.uint8)
+    """Resize uint8 `x` along `dim` (-1 or -2) to out_size, in torch's fixed point: every tap gathered at
+    once, weighted and summed (integer sums: the order cannot change them), a dozen ops whatever the taps."""
+    idx, w, precision = _taps(x.shape[dim], out_size, mode, x.device)
+    taps = w.shape[1]
+    gathered = x.to(torch.int32).index_select(dim, idx)
+    if dim == -1:
+        acc = (gathered.unflatten(-1, (out_size, taps)) * w).sum(-1, dtype=torch.int32)
+    else:
+        acc = (gathered.unflatten(-2, (out_size, taps)) * w[:, :, None]).sum(-2, dtype=torch.int32)
+    return ((acc + (1 << (precision - 1))) >> precision).clamp_(0, 255).to(torch.uint8)
 
 
 def resize_exact(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
