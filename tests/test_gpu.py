@@ -87,3 +87,13 @@ def test_step_launches_counts_ops_and_times_kernels_on_gpu():
     wall = time.perf_counter() - t0
     f = step_launches(step, device)
     assert f["ops_per_step"] >= 8 and f["kernels_per_step"] >= 4 and 0 < f["kernel_s_per_step"] < 5 * wall
+
+
+def test_sizes_comparison_runs_without_cudnn_too(tmp_path):
+    """`vwe bench infer --compare sizes` on a GPU: the three passes with cuDNN, and again without it."""
+    out = tmp_path / "sizes.json"
+    run_vwe("bench", "infer", "--config", DEMO, "model.backbone=resnet18", "model.pretrained=none",
+            "infer.scales=[0.25, 0.125]", "--compare", "sizes", "--steps", "2", "--json", str(out), env=GPU_ENV)
+    f = json.loads(out.read_text())
+    for figures in (f, f["without_cudnn"]):
+        assert figures["repeated_size_s_per_image"] > 0 and figures["new_sizes_again_s_per_image"] > 0

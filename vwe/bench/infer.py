@@ -192,8 +192,9 @@ def sizes_comparison(cfg: Config, device: torch.device, n: int) -> dict:
     `vwe infer` runs where sizes differ) at one size seen before, over n sizes each met for the first
     time, then over the same n sizes again. The first pass minus the second is what meeting a new input
     shape costs (on a GPU, cuDNN builds an execution plan per convolution and shape); the second pass
-    against the repeated size is what the size itself costs. The scales are made beforehand: only the
-    network, the CAM upsampling and one copy to the host per image are timed."""
+    against the repeated size is what the size itself costs. On a GPU the three passes run again without
+    cuDNN, on other sizes (`without_cudnn`). The scales are made beforehand: only the network, the CAM
+    upsampling and one copy to the host per image are timed."""
     mcfg = _model_config(cfg)
     torch.manual_seed(0)
     net, _ = _fast(build_model(mcfg).eval().to(device), mcfg)
@@ -213,16 +214,38 @@ def sizes_comparison(cfg: Config, device: torch.device, n: int) -> dict:
                 high.cpu()
         return _timed(device, go) / len(batches)
 
-    same = [((375, 500), inputs((375, 500)))] * n
-    fresh = [(size, inputs(size)) for size in distinct_sizes(n)]
-    one_pass(same[:2])  # the repeated size's first meeting is not part of its figure
-    repeated = one_pass(same)
-    first, second = one_pass(fresh), one_pass(fresh)
-    return {"device": _device_name(device), "threads": torch.get_num_threads(), "backbone": mcfg.backbone,
-            "mixed_precision": cfg.infer.mixed_precision, "scales": scales, "flip": cfg.infer.flip, "images": n,
-            "repeated_size_s_per_image": round(repeated, 4),
-            "new_sizes_first_s_per_image": round(first, 4), "new_sizes_again_s_per_image": round(second, 4),
-            "new_shape_cost_s_per_image": round(first - second, 4)}
+    def three_passes(sizes: list[tuple[int, int]]) -> dict:
+        same = [((375, 500), inputs((375, 500)))] * n
+        fresh = [(size, inputs(size)) for size in sizes]
+        one_pass(same[:2])  # the repeated size's first meeting is not part of its figure
+        repeated = one_pass(same)
+        first, second = one_pass(fresh), one_pass(fresh)
+        return {"repeated_size_s_per_image": round(repeated, 4), "new_sizes_first_s_per_image": round(first, 4),
+                "new_sizes_again_s_per_image": round(second, 4),
+                "new_shape_cost_s_per_image": round(first - second, 4)}
+
+    sizes = distinct_sizes(2 * n)
+    figures = {"device": _device_name(device), "threads": torch.get_num_threads(), "backbone": mcfg.backbone,
+               "mixed_precision": cfg.infer.mixed_precision, "scales": scales, "flip": cfg.infer.flip, "images": n,
+               **three_passes(sizes[:n])}
+    if device.type == "cuda":  # PyTorch's own convolutions (im2col and cuBLAS) build no per-shape cuDNN plan
+        with torch.backends.cudnn.flags(enabled=False):
+            figures["without_cudnn"] = three_passes(sizes[n:])
+    return figures
+
+
+def sizes_lines(f: dict) -> list[str]:
+    """The printed form of sizes_comparison's figures."""
+    def block(g: dict, label: str) -> list[str]:
+        return [f"  {label}one size, seen before: {g['repeated_size_s_per_image']}",
+                f"  {label}{f['images']} new sizes, first meeting: {g['new_sizes_first_s_per_image']}",
+                f"  {label}the same sizes, second meeting: {g['new_sizes_again_s_per_image']}",
+                f"  {label}cost of meeting a new size: {g['new_shape_cost_s_per_image']} s per image"]
+    lines = [f"CAM network on {f['device']} ({f['backbone']}, {f['mixed_precision']}, scales {f['scales']}"
+             f"{' + flips' if f['flip'] else ''}, one image per forward), seconds per image:", *block(f, "")]
+    if "without_cudnn" in f:
+        lines += block(f["without_cudnn"], "without cuDNN (other sizes): ")
+    return lines
 
 
 def run(cfg: Config, args) -> int:
@@ -232,12 +255,7 @@ def run(cfg: Config, args) -> int:
         raise VweError(f"vwe bench infer --compare takes 'compile' or 'sizes', got {compare!r}")
     if compare == "sizes":
         f = sizes_comparison(cfg, device, n=args.steps or 8)
-        print(f"CAM network on {f['device']} ({f['backbone']}, {f['mixed_precision']}, scales {f['scales']}"
-              f"{' + flips' if f['flip'] else ''}, one image per forward), seconds per image:")
-        print(f"  one size, seen before: {f['repeated_size_s_per_image']}")
-        print(f"  {f['images']} new sizes, first meeting: {f['new_sizes_first_s_per_image']}")
-        print(f"  the same sizes, second meeting: {f['new_sizes_again_s_per_image']}")
-        print(f"  cost of meeting a new size: {f['new_shape_cost_s_per_image']} s per image")
+        print("\n".join(sizes_lines(f)))
         if args.json:
             atomic_write(args.json, json.dumps(f, indent=2))
         return 0
