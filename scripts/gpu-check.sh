@@ -14,7 +14,8 @@
 #      SIZES_IMAGES sizes, default 16), the real `vwe infer` (scales made on the device at the default group
 #      window, then at WINDOW, default 256, then made by the loader) and `vwe evaluate` on that many
 #      VOC-sized images, timed, with the infer pass's split of its time (waiting for samples / computing
-#      and images per call / waiting for writes);
+#      and images per call / waiting for writes); each stops at INFER_TIMEOUT (240 s), its rate then
+#      counted from the CAM files written;
 #      WHEELS=DIR: first install DIR/*.whl, and build DIR/*.tar.gz with the build tools in DIR/build (wheels),
 #      into a temporary folder put on PYTHONPATH (a device image without webdataset, braceexpand, pydensecrf2);
 #      PACK=FILE.tgz: also pack the figures and logs into that one archive;
@@ -129,14 +130,32 @@ if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `v
         --json "$out/infer-sizes.json" 2>&1 | tee -a "$out/infer-figures.md" || fail $?
     # infer with the scales made on the device (auto on a GPU), at the default group window, then a
     # wider one (fuller batches), then with the loader making the scales (the same CAMs); then evaluate
-    for step in "infer infer.group_window=0" "infer infer.group_window=${WINDOW:-256}" "infer infer.resize_on=loader" \
-                "evaluate"; do
+    # each run stops at INFER_TIMEOUT (default 240 s): then the CAM files written so far give its rate
+    partial=0
+    for step in "infer infer.group_window=0" "evaluate" "infer infer.group_window=${WINDOW:-256}" \
+                "infer infer.resize_on=loader"; do
         read -r command setting <<< "$step"
-        [ "$command" != infer ] || rm -rf "$irun/cams"
+        if [ "$command" = infer ]; then
+            rm -rf "$irun/cams"
+        elif [ "$partial" = 1 ]; then
+            echo "vwe $command: skipped (the first pass stopped at its limit: its CAMs are incomplete)" \
+                | tee -a "$out/infer-figures.md"
+            continue
+        fi
         start=$(date +%s.%N)
-        "$python" -m vwe "$command" "${common[@]}" ${setting:+"$setting"} >>"$data.log" 2>&1 || fail $?
+        timeout "${INFER_TIMEOUT:-240}" "$python" -m vwe "$command" "${common[@]}" ${setting:+"$setting"} \
+            >>"$data.log" 2>&1
+        rc=$?
         seconds=$(awk "BEGIN { print $(date +%s.%N) - $start }")
-        awk -v c="$command ${setting:-}" -v s="$seconds" -v n="$INFER_IMAGES" \
+        n=$INFER_IMAGES
+        if [ "$rc" = 124 ] && [ "$command" = infer ]; then
+            n=$(find "$irun/cams" -name '*.npz' | wc -l)
+            [ "$step" != "infer infer.group_window=0" ] || partial=1
+            echo "vwe $command ${setting:-}: stopped at the ${INFER_TIMEOUT:-240} s limit" | tee -a "$out/infer-figures.md"
+        elif [ "$rc" != 0 ]; then
+            fail "$rc"
+        fi
+        awk -v c="$command ${setting:-}" -v s="$seconds" -v n="$n" \
             'BEGIN { printf "vwe %s: %d images in %.1f s wall (%.1f img/s, start-up included)\n", c, n, s, n / s }' \
             | tee -a "$out/infer-figures.md"
     done
