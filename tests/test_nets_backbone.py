@@ -97,7 +97,7 @@ def test_frozen_bn_keeps_its_map_only_while_its_tensors_are_unchanged(train_affi
     bn = FrozenBatchNorm2d(6, train_affine=train_affine)
     _randomise_bn(bn, seed=1)
     x = torch.randn(2, 6, 5, 4)
-    for change in ("none", "state_dict", "in place", "step", "double", "inference"):
+    for change in ("none", "state_dict", "in place", "step", "double", "inference", "inference tensors"):
         if change == "state_dict":
             other = FrozenBatchNorm2d(6, train_affine=train_affine)
             _randomise_bn(other, seed=2)
@@ -111,6 +111,12 @@ def test_frozen_bn_keeps_its_map_only_while_its_tensors_are_unchanged(train_affi
             opt.step()
         elif change == "double":
             bn, x = bn.double(), x.double()
+        elif change == "inference tensors":  # a layer built under inference_mode: nothing to keep, still right
+            with torch.inference_mode():
+                bn = FrozenBatchNorm2d(6, train_affine=train_affine).double()
+                _randomise_bn(bn, seed=3)
+                assert torch.equal(bn(x), fresh(bn, x))
+            continue
         with torch.inference_mode(change == "inference"):
             assert torch.equal(bn(x), fresh(bn, x)), change
         with torch.no_grad():

@@ -84,7 +84,10 @@ class FrozenBatchNorm2d(nn.Module):
         """compute()'s value, kept until one of `sources` is replaced (another tensor, or other memory: a move
         to another device, a DeepSpeed gather) or written in place (load_state_dict, a broadcast: its version
         counter)."""
-        stamp = tuple((t._version, t.data_ptr()) for t in sources)
+        try:
+            stamp = tuple((t._version, t.data_ptr()) for t in sources)
+        except RuntimeError:  # an inference tensor (made under inference_mode) has no version counter
+            return compute()
         kept = self._kept.get(name)
         if kept is None or kept[1] != stamp or any(a is not b for a, b in zip(kept[0], sources)):
             kept = self._kept[name] = (sources, stamp, compute())
