@@ -48,11 +48,14 @@ if [ -n "${WHEELS:-}" ]; then  # packages the device's image lacks: wheels, and 
     site=$(mktemp -d)
     for sdist in "$WHEELS"/*.tar.gz; do
         [ -e "$sdist" ] || continue
+        # a failed build (no compiler or Python headers there) leaves only the CRF out: the pipeline part fails
         "$python" -m pip wheel -q --no-index --find-links "$WHEELS/build" --no-deps -w "$site/built" "$sdist" \
-            >"$out/wheels.log" 2>&1 || { cat "$out/wheels.log" >&2; exit 2; }
+            >>"$out/wheels.log" 2>&1 || { tail -5 "$out/wheels.log" >&2; echo "warning: $sdist not built" >&2; }
     done
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
-        "$WHEELS"/*.whl "$site"/built/*.whl >>"$out/wheels.log" 2>&1 || { cat "$out/wheels.log" >&2; exit 2; }
+    wheels=("$WHEELS"/*.whl "$site"/built/*.whl)
+    for w in "${!wheels[@]}"; do [ -e "${wheels[$w]}" ] || unset "wheels[$w]"; done  # an empty folder's pattern
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}" \
+        >>"$out/wheels.log" 2>&1 || { cat "$out/wheels.log" >&2; exit 2; }
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
