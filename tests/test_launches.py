@@ -20,4 +20,5 @@ def test_step_launches_counts_each_dispatched_op():
     cpu = {"ops_per_step": 1000, "kernels_per_step": None, "kernel_s_per_step": None}
     assert pace_note(cpu, 0.05) == "1000 ops/step (50.0 us of wall time per op)"
     gpu = {"ops_per_step": None, "kernels_per_step": 800, "kernel_s_per_step": 0.01}
-    assert pace_note(gpu, 0.05) == "800 GPU kernels/step, GPU busy 20% of the step"
+    assert pace_note(gpu, 0.05) == "800 GPU kernels/step, GPU busy 20% of the step's wall time"
+    assert pace_note(gpu, 0.05, "image") == "800 GPU kernels/image, GPU busy 20% of the image's wall time"

@@ -29,6 +29,7 @@ from vwe.runtime.files import atomic_write
 from vwe.runtime.errors import VweError
 from vwe.stages.infer import device_scales, keep_positive, multiscale_cams
 from vwe.nets.backbone import FROZEN_NORMS, fold_frozen_bn
+from vwe.bench.launches import pace_note, step_launches
 from vwe.bench.train import peak_tflops
 from vwe.nets.cam import build_model
 
@@ -228,6 +229,9 @@ def sizes_comparison(cfg: Config, device: torch.device, n: int) -> dict:
     figures = {"device": _device_name(device), "threads": torch.get_num_threads(), "backbone": mcfg.backbone,
                "mixed_precision": cfg.infer.mixed_precision, "scales": scales, "flip": cfg.infer.flip, "images": n,
                **three_passes(sizes[:n])}
+    # one image at the repeated size: the ops it dispatches and (GPU) its kernels, against its seconds
+    image = [((375, 500), inputs((375, 500)))]
+    figures["pace"] = step_launches(lambda: one_pass(image), device)
     if device.type == "cuda":  # PyTorch's own convolutions (im2col and cuBLAS) build no per-shape cuDNN plan
         with torch.backends.cudnn.flags(enabled=False):
             figures["without_cudnn"] = three_passes(sizes[n:])
@@ -245,6 +249,7 @@ def sizes_lines(f: dict) -> list[str]:
              f"{' + flips' if f['flip'] else ''}, one image per forward), seconds per image:", *block(f, "")]
     if "without_cudnn" in f:
         lines += block(f["without_cudnn"], "without cuDNN (other sizes): ")
+    lines.append(f"  pace at the repeated size: {pace_note(f['pace'], f['repeated_size_s_per_image'], 'image')}")
     return lines
 
 

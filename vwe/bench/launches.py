@@ -54,13 +54,14 @@ def step_launches(step: Callable[[], object], device: torch.device, compiled: bo
     return {"ops_per_step": ops, "kernels_per_step": kernels, "kernel_s_per_step": kernel_s}
 
 
-def pace_note(figures: dict, step_s: float) -> str:
-    """One line: ops per step and wall time per op; on a GPU the kernels and the share of the step the
-    device was busy."""
+def pace_note(figures: dict, step_s: float, unit: str = "step") -> str:
+    """One line: ops per step (or other `unit` of work) and wall time per op; on a GPU the kernels and the
+    share of the wall time the device was busy."""
     ops, kernels, kernel_s = figures["ops_per_step"], figures["kernels_per_step"], figures["kernel_s_per_step"]
     parts = []
     if ops:
-        parts.append(f"{ops} ops/step ({1e6 * step_s / ops:.1f} us of wall time per op)")
+        parts.append(f"{ops} ops/{unit} ({1e6 * step_s / ops:.1f} us of wall time per op)")
     if kernels:
-        parts.append(f"{kernels} GPU kernels/step, GPU busy {100 * kernel_s / step_s:.0f}% of the step")
+        parts.append(f"{kernels} GPU kernels/{unit}, "
+                     f"GPU busy {100 * kernel_s / step_s:.0f}% of the {unit}'s wall time")
     return "; ".join(parts) or "pace not measured"
