@@ -12,9 +12,9 @@
 #      parallel by `vwe synth`, then shards and CAMs);
 #      INFER_IMAGES=1464: also the device's cost of new image sizes (`vwe bench infer --compare sizes`,
 #      SIZES_IMAGES sizes, default 16), the real `vwe infer` (scales made on the device at the default group
-#      window, then at WINDOW, default 256, then made by the loader) and `vwe evaluate` on that many
+#      window, then at WINDOW, default 256, then without cuDNN, then made by the loader) and `vwe evaluate` on that many
 #      VOC-sized images, timed, with the infer pass's split of its time (waiting for samples / computing
-#      and images per call / waiting for writes); each stops at INFER_TIMEOUT (120 s), its rate then
+#      and images per call / waiting for writes); each stops at INFER_TIMEOUT (100 s), its rate then
 #      counted from the CAM files written;
 #      WHEELS=DIR: first install DIR/*.whl, and build DIR/*.tar.gz with the build tools in DIR/build (wheels),
 #      into a temporary folder put on PYTHONPATH (a device image without webdataset, braceexpand, pydensecrf2);
@@ -133,10 +133,10 @@ if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `v
         --json "$out/infer-sizes.json" 2>&1 | tee -a "$out/infer-figures.md" || fail $?
     # infer with the scales made on the device (auto on a GPU), at the default group window, then a
     # wider one (fuller batches), then with the loader making the scales (the same CAMs); then evaluate
-    # each run stops at INFER_TIMEOUT (default 120 s): then the CAM files written so far give its rate
+    # each run stops at INFER_TIMEOUT (default 100 s): then the CAM files written so far give its rate
     partial=0
     for step in "infer infer.group_window=0" "evaluate" "infer infer.group_window=${WINDOW:-256}" \
-                "infer infer.resize_on=loader"; do
+                "infer infer.cudnn=false" "infer infer.resize_on=loader"; do
         read -r command setting <<< "$step"
         if [ "$command" = infer ]; then
             rm -rf "$irun/cams"
@@ -146,7 +146,7 @@ if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `v
             continue
         fi
         start=$(date +%s.%N)
-        timeout "${INFER_TIMEOUT:-120}" "$python" -m vwe "$command" "${common[@]}" ${setting:+"$setting"} \
+        timeout "${INFER_TIMEOUT:-100}" "$python" -m vwe "$command" "${common[@]}" ${setting:+"$setting"} \
             >>"$data.log" 2>&1
         rc=$?
         seconds=$(awk "BEGIN { print $(date +%s.%N) - $start }")
@@ -154,7 +154,7 @@ if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `v
         if [ "$rc" = 124 ] && [ "$command" = infer ]; then
             n=$(find "$irun/cams" -name '*.npz' | wc -l)
             [ "$step" != "infer infer.group_window=0" ] || partial=1
-            echo "vwe $command ${setting:-}: stopped at the ${INFER_TIMEOUT:-120} s limit" | tee -a "$out/infer-figures.md"
+            echo "vwe $command ${setting:-}: stopped at the ${INFER_TIMEOUT:-100} s limit" | tee -a "$out/infer-figures.md"
         elif [ "$rc" != 0 ]; then
             fail "$rc"
         fi

@@ -61,6 +61,26 @@ def test_inference_and_evaluation_on_gpu(synthetic_shards, tmp_path):
     assert 0.0 <= report["miou"] <= 1.0
 
 
+def test_inference_without_cudnn_gives_the_same_cams(synthetic_shards, tmp_path):
+    """infer.cudnn=false (PyTorch's own convolutions) computes the CAMs of the cuDNN path to float
+    tolerance (cuDNN's fp32 convolutions use TF32 by default), and the manifest says which ran."""
+    from vwe.formats.cams import read_cam
+    run = tmp_path / "run"
+    train(synthetic_shards, run, "train.max_steps=2")
+    maps = {}
+    for cudnn in ("true", "false"):
+        out = tmp_path / f"cams-{cudnn}"
+        run_vwe("infer", "--config", DEMO, *TINY, f"data.root={synthetic_shards}", f"output.run_dir={run}",
+                "infer.mixed_precision=no", "infer.dtype=float32", f"infer.out_dir={out}", f"infer.cudnn={cudnn}",
+                env=GPU_ENV)
+        assert json.loads((out / "manifest-rank000.json").read_text())["cudnn"] == (cudnn == "true")
+        maps[cudnn] = {p.stem: read_cam(p).high_res for p in out.glob("*.npz")}
+    assert maps["true"].keys() == maps["false"].keys() and maps["true"]
+    for key, high in maps["true"].items():
+        scale = max(float(abs(high).max()), 1e-6)
+        assert float(abs(high - maps["false"][key]).max()) / scale < 1e-2, key
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_processes_over_nccl(synthetic_shards, tmp_path):
     s = train(synthetic_shards, tmp_path / "run", "train.max_steps=4", processes=2, launch="launch/multi_gpu.yaml")

@@ -121,6 +121,8 @@ class InferConfig:
     resize_on: str = _opt("auto", choices=("auto", "loader", "device"),
                           doc="where the scales are made: the loader's workers, or the device from the decoded "
                               "image (the same pixels, bit for bit); auto: the device on a GPU, else the loader")
+    cudnn: bool = _opt(True, doc="GPU: cuDNN's convolutions; false: PyTorch's own (im2col and cuBLAS), which plan "
+                                 "nothing per image size (docs/inference.md)")
     num_workers: int = _opt(2, min=0, doc="loader workers per rank for inference")
     legacy_dir: str = _opt("", doc="also export pickled-dict .npy CAMs (IRNet format) into this folder")
 

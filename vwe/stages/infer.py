@@ -258,6 +258,7 @@ class CamWork(ImageWork):
     def manifest(self) -> dict:
         return {"weights": str(weights_path(self.cfg)), "weights_sha256": self.weights_sha256,
                 "mixed_precision": self.precision, "resize_on": self.resize_on,
+                "cudnn": self.device.type == "cuda" and self.cfg.infer.cudnn,
                 # on a GPU, computing counts the host's launching; the device's own time is mostly here
                 "device_wait_s": round(self.device_wait.seconds, 3)}
 
@@ -280,5 +281,11 @@ def infer(cfg: Config) -> int:
     if state.is_main_process:
         where = "on the device" if work.resize_on == "device" else "by the loader"
         print(f"infer: {precision_note(cfg.infer.mixed_precision, precision, device)}; scales made {where} "
-              f"(infer.resize_on={cfg.infer.resize_on})", file=sys.stderr)
-    return run_per_image(work, cfg.output.run_dir, cfg.data.on_corrupt, cfg.eval.max_listed)
+              f"(infer.resize_on={cfg.infer.resize_on})"
+              f"{'; without cuDNN (infer.cudnn=false)' if device.type == 'cuda' and not cfg.infer.cudnn else ''}",
+              file=sys.stderr)
+    # never cuDNN's per-shape search here: the split's hundreds of image sizes would each be timed anew
+    with torch.backends.cudnn.flags(enabled=cfg.infer.cudnn, benchmark=False,
+                                    deterministic=torch.backends.cudnn.deterministic,
+                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+        return run_per_image(work, cfg.output.run_dir, cfg.data.on_corrupt, cfg.eval.max_listed)
