@@ -12,8 +12,8 @@
 #      parallel by `vwe synth`, then shards and CAMs);
 #      INFER_IMAGES=1464: also the device's cost of new image sizes (`vwe bench infer --compare sizes`,
 #      SIZES_IMAGES sizes, default 16), the real `vwe infer` (scales made on the device at the default group
-#      window, then at WINDOW, default 256, then without cuDNN, then made by the loader) and `vwe evaluate` on that many
-#      VOC-sized images, timed, with the infer pass's split of its time (waiting for samples / computing
+#      window, then at WINDOW, default 256, then without cuDNN, then made by the loader) and `vwe evaluate`
+#      on that many VOC-sized images, timed, with the infer pass's split of its time (waiting for samples / computing
 #      and images per call / waiting for writes); each stops at INFER_TIMEOUT (100 s), its rate then
 #      counted from the CAM files written;
 #      WHEELS=DIR: first install DIR/*.whl, and build DIR/*.tar.gz with the build tools in DIR/build (wheels),
@@ -154,7 +154,8 @@ if [ -n "${INFER_IMAGES:-}" ]; then  # the issue's inference figure: the real `v
         if [ "$rc" = 124 ] && [ "$command" = infer ]; then
             n=$(find "$irun/cams" -name '*.npz' | wc -l)
             [ "$step" != "infer infer.group_window=0" ] || partial=1
-            echo "vwe $command ${setting:-}: stopped at the ${INFER_TIMEOUT:-100} s limit" | tee -a "$out/infer-figures.md"
+            echo "vwe $command ${setting:-}: stopped at the ${INFER_TIMEOUT:-100} s limit" \
+                | tee -a "$out/infer-figures.md"
         elif [ "$rc" != 0 ]; then
             fail "$rc"
         fi
