@@ -43,11 +43,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.parts, self.run_dir, training_data(cfg))  # shards verified
         self.checkpoints.preview_resume()  # resume path, model shape, drift, data: still nothing written
         self._closers: list = [choose_algorithms(cfg.train)]
-        lock = RunLock(self.run_dir, self.recipe.command)
-        note = collective_call(lambda: lock.acquire().note, main_only=True)
-        if self.accelerator.is_main_process:
-            self._closers.append(lock.release)
         try:
+            lock = RunLock(self.run_dir, self.recipe.command)
+            note = collective_call(lambda: lock.acquire().note, main_only=True)
+            if self.accelerator.is_main_process:
+                self._closers.append(lock.release)
             self._setup(cfg, note)
         except BaseException:
             self.close()
