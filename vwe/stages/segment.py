@@ -31,8 +31,9 @@ from vwe.training.trainer import train
 # compiling, neutral on resume as train.compile is
 EVAL_KEYS = frozenset({"seg.compile", "seg.eval_split", "seg.test_scales", "seg.test_flip", "seg.crf",
                        "seg.crf_iterations", "seg.crf_pos_w", "seg.crf_pos_xy_std", "seg.crf_bi_w",
-                       "seg.crf_bi_xy_std", "seg.crf_bi_rgb_std", "seg.crf_image", "seg.infer_precision", "seg.eval_batch_size",
-                       "seg.weights", "seg.out_dir", "seg.data_root", "seg.checkpoint_every", "seg.train_split"})
+                       "seg.crf_bi_xy_std", "seg.crf_bi_rgb_std", "seg.crf_image", "seg.infer_precision",
+                       "seg.eval_batch_size", "seg.weights", "seg.out_dir", "seg.data_root", "seg.checkpoint_every",
+                       "seg.train_split"})
 # the derived data section's keys the segmentation loader does not read
 UNUSED_DATA_KEYS = frozenset({"data.long_side", "data.resize", "data.infer_split"})
 
