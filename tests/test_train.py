@@ -2,6 +2,7 @@
 preemption by SIGTERM, the divergence guard, bf16 on CPU."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -171,4 +172,11 @@ def test_algorithm_choice_holds_while_training_only(synthetic_shards, tmp_path, 
     assert cfg.train.cudnn_benchmark and before == (False, False)
     assert train(cfg, Watching()) == 0
     assert seen == [(not deterministic, deterministic)] * 2
+    assert (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before
+    # given back too when the run cannot start (its lock file's place is taken by a folder)
+    from vwe.runtime.errors import WriteError
+    locked = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, run_dir=str(tmp_path / "locked")))
+    (tmp_path / "locked" / ".lock").mkdir(parents=True)
+    with pytest.raises(WriteError, match="it is a directory"):
+        train(locked, Watching())
     assert (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()) == before
