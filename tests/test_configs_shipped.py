@@ -85,3 +85,33 @@ def test_ablation_configs_differ_only_in_pooling_and_word_heads():
                        "infer": {"scales"}}.get(section, set())
             assert differ <= allowed, (variant, section, differ)
         assert {k for k in tree["data"] if tree["data"][k] != demo["data"][k]} == {"root", "crop_size", "long_side"}
+
+
+# deeplab-pytorch configs/voc12.yaml, restated (docs/segmentation.md): SOLVER, DATASET, MODEL and CRF
+DEEPLAB_VOC12 = {"backbone": "resnet101", "num_classes": 21, "aspp_rates": [6, 12, 18, 24],
+                 "msc_scales": [0.5, 0.75], "crop_size": 321, "scales": [0.5, 0.75, 1.0, 1.25, 1.5],
+                 "flip": True, "batch_size": 5 * 2, "grad_accum": 2, "max_steps": 20000, "lr": 2.5e-4,
+                 "momentum": 0.9, "weight_decay": 5e-4, "poly_power": 0.9, "lr_every": 10,
+                 "norm": "frozen_all", "test_scales": [1.0, 0.5, 0.75], "test_flip": False, "crf": True,
+                 "crf_iterations": 10, "crf_pos_w": 3, "crf_pos_xy_std": 1, "crf_bi_w": 4, "crf_bi_xy_std": 67,
+                 "crf_bi_rgb_std": 3, "head_lr_mult": 10, "head_bias_lr_mult": 20}
+# IRNet's run_sample.py defaults (semantic path) and train_irn.py's fixed values, restated (docs/irnet.md)
+IRNET_DEFAULTS = {"conf_fg_thres": 0.30, "conf_bg_thres": 0.05, "backbone": "resnet50", "crop_size": 512,
+                  "scale_range": [0.5, 1.5], "radius": 10, "batch_size": 32, "grad_accum": 1, "epochs": 3,
+                  "max_steps": 0, "lr": 0.1, "weight_decay": 1e-4, "momentum": 1e-4, "poly_power": 0.9,
+                  "beta": 10, "exp_times": 8, "walk_radius": 5, "sem_seg_bg_thres": 0.25}
+
+
+@pytest.mark.parametrize("name", ["voc_seg.yaml", "voc_irn.yaml"])
+def test_deeplab_recipe(name):
+    seg = dataclasses.asdict(_load(name).seg)
+    assert {k: seg[k] for k in DEEPLAB_VOC12} == DEEPLAB_VOC12
+    assert seg["pretrained"] == "imagenet"  # the fair initialisation, not the recipe's COCO one
+
+
+def test_irnet_recipe():
+    cfg = _load("voc_irn.yaml")
+    _common_recipe(cfg)  # the CAMs it starts from are the conference recipe's
+    irn = dataclasses.asdict(cfg.irn)
+    assert {k: irn[k] for k in IRNET_DEFAULTS} == IRNET_DEFAULTS
+    assert (irn["label_split"], irn["pretrained"], cfg.seg.labels) == ("train_aug", "imagenet", "irn")

@@ -258,3 +258,62 @@ def test_chain_smoke(net):
                                           align_corners=False)[0]
     labels = sem_seg_labels(edge, cam, np.array([7]), (96, 96))
     assert labels.shape == (96, 96) and set(np.unique(labels).tolist()) <= {0, 8} and (labels == 8).any()
+
+
+# ----------------------------------------------------------------------- optimizer and schedule (train_irn)
+
+class IrnetPolyOptimizer(torch.optim.SGD):
+    """IRNet's misc/torchutils.py PolyOptimizer, restated: SGD(params, lr, weight_decay), whose third
+    positional argument is SGD's momentum; before each step every group's lr = its initial lr x
+    (1 - global_step / max_step) ** 0.9 (the `momentum` attribute holds the power)."""
+
+    def __init__(self, params, lr, weight_decay, max_step, momentum=0.9):
+        super().__init__(params, lr, weight_decay)
+        self.global_step, self.max_step, self.power = 0, max_step, momentum
+        self.initial_lr = [group["lr"] for group in self.param_groups]
+
+    def step(self, closure=None):
+        if self.global_step < self.max_step:
+            for group, lr in zip(self.param_groups, self.initial_lr):
+                group["lr"] = lr * (1 - self.global_step / self.max_step) ** self.power
+        super().step(closure)
+        self.global_step += 1
+
+
+def test_shipped_recipe_optimizer_and_schedule_as_train_irn(tmp_path):
+    """configs/voc_irn.yaml's relation network, built by the real Trainer setup, steps its weights as
+    IRNet's train_irn.py does with run_sample.py's defaults: the groups (boundary 1x, displacement 10x,
+    both with weight decay), momentum 1e-4, max_step (10582 // 32) x 3 and the poly lr of every one of
+    its 990 steps, on the same gradients."""
+    from vwe.formats.config import load_config, repo_configs_dir
+    from vwe.stages.irn import IrnRecipe, irn_training_config
+    from vwe.training.setup import build_parts, make_accelerator
+    cfg = load_config(repo_configs_dir() / "voc_irn.yaml", ["irn.pretrained=none", f"output.run_dir={tmp_path}"])
+    derived = irn_training_config(cfg)
+    torch.manual_seed(0)
+    parts = build_parts(derived, make_accelerator(derived), IrnRecipe(cfg), steps_epoch=10582 // 32)
+    # run_sample.py: irn_batch_size 32, irn_num_epoches 3, irn_learning_rate 0.1, irn_weight_decay 1e-4
+    assert parts.max_steps == (10582 // 32) * 3 == 990
+    # IRNet's Net.trainable_parameters(): (edge_layers' parameters, dp_layers' parameters)
+    edge, dp = tuple(parts.net.edge_layers.parameters()), tuple(parts.net.dp_layers.parameters())
+    mine = parts.optimizer.param_groups
+    assert [[id(p) for p in g["params"]] for g in mine] == [[id(p) for p in edge], [id(p) for p in dp]]
+    copies = [[p.detach().clone().requires_grad_(True) for p in ps] for ps in (edge, dp)]
+    ref = IrnetPolyOptimizer([{"params": copies[0], "lr": 1 * 0.1, "weight_decay": 1e-4},
+                              {"params": copies[1], "lr": 10 * 0.1, "weight_decay": 1e-4}],
+                             lr=0.1, weight_decay=1e-4, max_step=990)
+    for g, r in zip(mine, ref.param_groups):
+        assert (g["momentum"], g["weight_decay"], g["dampening"], g["nesterov"]) == \
+            (r["momentum"], r["weight_decay"], r["dampening"], r["nesterov"]) == (1e-4, 1e-4, 0, False)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(990):
+        for p, q in zip([*edge, *dp], [*copies[0], *copies[1]]):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        used = [g["lr"] for g in mine]  # the lr of this step's update
+        parts.optimizer.step()  # micro_step's order: the update, then the schedule
+        parts.scheduler.step()
+        ref.step()  # sets the lr, then updates
+        assert used == pytest.approx([g["lr"] for g in ref.param_groups], rel=1e-12), step
+    for p, q in zip([*edge, *dp], [*copies[0], *copies[1]]):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
