@@ -116,6 +116,63 @@ def test_irn_augment_keeps_labels_aligned_reduced_x4_and_pads_like_irnet():
     assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
 
 
+def _irnet_affinity_sample(img: np.ndarray, label: np.ndarray, crop: int, scale: float, flip: bool,
+                           u: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """IRNet's VOC12SegmentationDataset.__getitem__ (random crop) and VOC12AffinityDataset's label
+    reduction, restated from voc12/dataloader.py and misc/imutils.py with its random draws given: rescale
+    (PIL bicubic / nearest, sides np.round-ed), TorchvisionNormalize, left-right flip, get_random_crop_box
+    (randrange(n) drawn as int(u * n)) with padding 0 / 255, then pil_rescale(label, 0.25, 0)."""
+    def pil_rescale(a, s, resample):
+        size = (int(np.round(a.shape[0] * s)), int(np.round(a.shape[1] * s)))
+        return a if size == a.shape[:2] else np.asarray(Image.fromarray(a).resize(size[::-1], resample))
+    img, label = pil_rescale(img, scale, Image.BICUBIC), pil_rescale(label, scale, Image.NEAREST)
+    img = (img / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    if flip:
+        img, label = np.fliplr(img), np.fliplr(label)
+    h, w = label.shape
+    box = []
+    for space, ui in ((h - crop, u[1]), (w - crop, u[0])):  # (cont, img) offsets of rows, then columns
+        box.append((0, int(ui * (space + 1))) if space > 0 else (int(ui * (-space + 1)), 0))
+    (ct, it), (cl, il) = box
+    ch, cw = min(crop, h), min(crop, w)
+    out_img, out_label = np.zeros((crop, crop, 3)), np.full((crop, crop), 255, np.uint8)
+    out_img[ct:ct + ch, cl:cl + cw] = img[it:it + ch, il:il + cw]
+    out_label[ct:ct + ch, cl:cl + cw] = label[it:it + ch, il:il + cw]
+    return out_img.transpose(2, 0, 1), pil_rescale(out_label, 0.25, Image.NEAREST)
+
+
+def test_irn_augment_equals_irnets_dataset_given_the_same_draws():
+    """irn_augment against IRNet's own order of steps (scale -> normalise -> flip -> crop -> labels x0.25),
+    its crop box and paddings, on a textured photo at scales that crop and that pad: the labels equal, the
+    normalised image within PIL's bicubic against torch's (2 grey levels) and the pad colour's offset."""
+    from vwe.data.transforms import irn_augment, normalize
+    rng = np.random.default_rng(5)
+    h, w, crop = 70, 90, 64
+    yy, xx = np.mgrid[0:h, 0:w]
+    label = ((yy * 3 // h) * 3 + xx * 3 // w + 1).astype(np.uint8)  # 9 blocks, labels 1..9
+    label[30:40, 40:55] = 255
+    photo = np.clip(label[..., None] * 25 + rng.integers(0, 30, (h, w, 3)) + (xx[..., None] * 1.2), 0, 255)
+    jpg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(photo.astype(np.uint8)).save(jpg, format="JPEG", quality=95)
+    Image.fromarray(label, mode="L").save(png, format="PNG")
+    decoded = np.asarray(Image.open(io.BytesIO(jpg.getvalue())).convert("RGB"))
+    seen = set()
+    for seed in range(16):
+        img, tgt = torch.empty(3, crop, crop, dtype=torch.uint8), torch.empty(crop // 4, crop // 4, dtype=torch.uint8)
+        irn_augment(jpg.getvalue(), png.getvalue(), np.random.default_rng(seed), (0.5, 1.5), crop, True, img, tgt, "x")
+        draws = np.random.default_rng(seed)  # irn_augment's draws, in its order: scale, flip, crop x, crop y
+        scale = 0.5 + float(draws.random()) * 1.0
+        flip = bool(draws.random() < 0.5)
+        ux, uy = draws.random(2)
+        want_img, want_label = _irnet_affinity_sample(decoded, label, crop, scale, flip, (ux, uy))
+        assert np.array_equal(tgt.numpy(), want_label), seed
+        diff = np.abs(normalize(img).numpy() - want_img)
+        assert diff.max() <= 2.5 / (255 * 0.224) and diff.mean() < 0.01, (seed, diff.max(), diff.mean())
+        seen |= {"cut" if round(w * scale) > crop else "", "padded" if round(h * scale) < crop else "",
+                 "flipped" if flip else "kept"}
+    assert {"cut", "padded", "flipped", "kept"} <= seen, seen
+
+
 def test_batched_affinity_labels_equal_irnets_per_image_ones():
     from vwe.stages.irn import affinity_label_tensors
     rng = np.random.default_rng(0)
