@@ -261,6 +261,10 @@ def test_bf16_autocast_keeps_word_encoding_float32():
     _, hist, _ = encode_words(feats, model.codebook.weight)
     assert hist.dtype == torch.float32
     torch.testing.assert_close(hist.sum((1, 2, 3)), torch.full((2,), 16.0), rtol=1e-5, atol=1e-4)
+    # ... and so is its head: the counts are not rounded to bf16 on the way in
+    assert out["hist_logits"].dtype == torch.float32
+    want = model.hist_head(hist).flatten(1)
+    torch.testing.assert_close(out["hist_logits"], want, rtol=1e-5, atol=1e-6)
     losses["loss"].backward()
     assert model.codebook.weight.grad.dtype == torch.float32
 

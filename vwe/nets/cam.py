@@ -90,8 +90,11 @@ class VWENet(nn.Module):
             else:
                 self.codebook.initialise_from(feats)
         if use_hist:
-            # the histogram is float32 (encode_words); weights cast to bf16/fp16 (DeepSpeed) need their dtype
-            out["hist_logits"] = self.hist_head(histogram.to(self.hist_head.weight.dtype)).flatten(1)
+            # The histogram holds counts of up to h x w; autocast would round them to bf16's 8 bits before
+            # the head (a few hundred distinct values), so the head runs in its weights' dtype: float32, or
+            # what DeepSpeed cast the weights to.
+            with torch.autocast(histogram.device.type, enabled=False):
+                out["hist_logits"] = self.hist_head(histogram.to(self.hist_head.weight.dtype)).flatten(1)
         if use_word:
             out["word_logits"] = self.word_head(feats.mean(dim=(2, 3), keepdim=True)).flatten(1)
             out["word_labels"] = word_labels
