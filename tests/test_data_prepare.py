@@ -11,7 +11,7 @@ import scipy.io
 
 from conftest import run_vwe
 from vwe.data.index import load_index
-from vwe.data.prepare import hashed_order, prepare
+from vwe.data.prepare import prepare
 from vwe.data.reading import iter_shard
 from vwe.data.synthetic import write_dataset
 from vwe.data.voc import CLASS_NAMES, decode_mask, labels_from_mask
@@ -36,11 +36,9 @@ def test_split_algebra_and_counts(data):
     voc = src / "VOCdevkit" / "VOC2012"
     sbd = src / "benchmark_RELEASE" / "dataset"
     train, val = _ids(voc / "ImageSets/Segmentation/train.txt"), _ids(voc / "ImageSets/Segmentation/val.txt")
-    expected_aug = (set(_ids(sbd / "train.txt")) | set(_ids(sbd / "val.txt")) | set(train)) - set(val)
+    expected_aug = sorted((set(_ids(sbd / "train.txt")) | set(_ids(sbd / "val.txt")) | set(train)) - set(val))
     assert len(expected_aug) == 12 + 12 - 0  # 12 SBD-only + 12 VOC train; SBD's val ids are removed
-    # training splits in the ids' hash order (each shard a random sample), val as listed
-    for split, ids in [("train_aug", hashed_order(sorted(expected_aug))), ("train", hashed_order(train)),
-                       ("val", val)]:
+    for split, ids in [("train_aug", expected_aug), ("train", train), ("val", val)]:
         idx = load_index(out, split)
         assert idx.keys == ids
         assert idx.num_samples == len(ids)
@@ -118,7 +116,7 @@ def test_interrupted_write_leaves_no_complete_looking_shard(data, tmp_path):
     src, _ = data
     voc = tmp_path / "VOC2012"
     shutil.copytree(src / "VOCdevkit" / "VOC2012", voc)
-    bad = hashed_order(_ids(voc / "ImageSets/Segmentation/train.txt"))[7]   # in train_aug's second shard
+    bad = sorted(_ids(voc / "ImageSets/Segmentation/train.txt"))[7]   # in train_aug's second shard
     jpg = voc / "JPEGImages" / f"{bad}.jpg"
     jpg.write_bytes(jpg.read_bytes()[:200])
     out = tmp_path / "out"
@@ -254,13 +252,3 @@ def test_binary_index_is_named(tmp_path):
     (tmp_path / "val.json").write_bytes(bytes(range(256)))
     with pytest.raises(DataError, match=r"val.json: not a valid shard index"):
         load_index(tmp_path, "val")
-
-
-def test_hashed_order_is_a_fixed_shuffle_that_keeps_relative_places():
-    ids = [f"{y}_{i:06d}" for y in (2007, 2008, 2009, 2010, 2011) for i in range(200)]
-    order = hashed_order(ids)
-    assert sorted(order) == ids and order == hashed_order(list(reversed(ids)))
-    # a shard of 100 holds ids from every year, not a run of neighbours
-    assert all(len({k[:4] for k in order[i:i + 100]}) == 5 for i in range(0, len(order), 100))
-    fewer = [k for k in ids if not k.endswith("7")]
-    assert hashed_order(fewer) == [k for k in order if not k.endswith("7")]

@@ -120,26 +120,16 @@ class _Source:
         return RawSample("", image_id, jpg, labels, mask)
 
 
-def hashed_order(ids: list[str]) -> list[str]:
-    """`ids` in the order of a hash of each id: a fixed shuffle that needs no seed and keeps every id's place
-    relative to the others when ids are added or removed. Training splits are written in this order, so
-    each shard is a random sample of its split, as webdataset's docs advise: a shard-level shuffle with
-    a sample buffer then mixes images from the whole split into a batch, close to the published code's
-    uniform `shuffle=True`, where id order (VOC years, SBD) would make a batch's images neighbours."""
-    return sorted(ids, key=lambda k: hashlib.blake2b(k.encode(), digest_size=8).digest())
-
-
 def split_ids(layout: vocdata.VocLayout, sbd_dir: Path | None) -> dict[str, list[str]]:
-    """Image ids per split, in the order they are written; train_aug = SBD train + SBD val + VOC train - VOC
-    val (VOC train without SBD). The training splits come in `hashed_order`, val in its list's order."""
+    """Image ids per split; train_aug = SBD train + SBD val + VOC train - VOC val (VOC train without SBD)."""
     train = vocdata.read_id_list(layout.seg_lists / "train.txt")
     val = vocdata.read_id_list(layout.seg_lists / "val.txt")
     if sbd_dir is None:
         aug = list(train)
     else:
         pool = set(vocdata.read_id_list(sbd_dir / "train.txt")) | set(vocdata.read_id_list(sbd_dir / "val.txt")) | set(train)
-        aug = list(pool - set(val))
-    return {"train_aug": hashed_order(aug), "train": hashed_order(train), "val": val}
+        aug = sorted(pool - set(val))
+    return {"train_aug": aug, "train": train, "val": val}
 
 
 def prepare(voc: Path, sbd: Path | None, out: Path, shard_size: int = 1000, labels: str = "xml") -> None:
