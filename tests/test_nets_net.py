@@ -130,6 +130,20 @@ def test_memory_bank_step1_random_labels_then_features_then_ema():
     assert torch.equal(clone.codebook.weight, frozen) and bool(clone.codebook.initialised)
 
 
+def test_memory_bank_with_accumulation_is_announced():
+    """The memory bank updates per micro-batch; with accumulation that departs from the published
+    once-per-step update, which the recipe's check says before anything is built."""
+    import warnings
+
+    from vwe.training.recipe import CamRecipe
+    with pytest.warns(UserWarning, match=r"model.codebook=memory with train.grad_accum=2: .* once per step"):
+        CamRecipe().check(load_config(None, ["model.codebook=memory", "train.grad_accum=2"]), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CamRecipe().check(load_config(None, ["model.codebook=memory"]), 1)
+        CamRecipe().check(load_config(None, ["train.grad_accum=2"]), 1)
+
+
 def test_cam_is_relu_classifier_on_features_and_skips_word_heads():
     torch.manual_seed(0)
     model = build_model(_cfg("model.codebook=memory")).train()

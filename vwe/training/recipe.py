@@ -5,6 +5,7 @@ it computes. `CamRecipe` is the CAM network's (docs/method.md); the segmentation
 bring theirs (vwe/stages/segment.py, vwe/stages/irn.py)."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -49,6 +50,11 @@ class CamRecipe(Recipe):
 
     def check(self, cfg: Config, world: int) -> None:
         check_pyramid_fits(cfg)
+        if cfg.model.codebook == "memory" and cfg.train.grad_accum > 1:
+            warnings.warn(f"model.codebook=memory with train.grad_accum={cfg.train.grad_accum}: the memory bank "
+                          f"is updated after every micro-batch ({cfg.train.grad_accum} updates per optimizer step); "
+                          f"the published code updates it once per step over the whole batch (docs/method.md)",
+                          stacklevel=2)
 
     def build(self, cfg: Config, model_cfg: ModelConfig) -> nn.Module:
         return build_model(model_cfg)
