@@ -2,7 +2,7 @@
 evaluate -> refine -> label split -> DeepLab -> its val mIoU -> IRNet's relation labels, relation network
 and random-walk labels -> pictures. The CAMs it learns are far
 better than predicting background everywhere, and the DeepLab trained on their CRF labels scores above
-the CAMs themselves on the same val images (measured: 79.9 against 65.3 mIoU)."""
+the CAMs themselves on the same val images (measured: 78.2 against 65.3 mIoU)."""
 from __future__ import annotations
 
 import json
@@ -37,8 +37,9 @@ def test_demo_learns_well_above_all_background(tmp_path):
     seg = json.loads((run / "seg" / "eval" / "val" / "report.json").read_text())
     cam_val = json.loads((tmp_path / "cam_val" / "eval" / "report.json").read_text())
     assert labels["miou"] > report["miou"]  # the CRF improves on the CAMs it refines (77.1 against 64.4)
-    # DeepLab trained on the pseudo labels beats the CAMs on val (79.9 against 65.3 when measured)
-    assert seg["scored"] == cam_val["num_images"] == 48 and seg["miou"] > cam_val["miou"] + 0.04, \
+    # DeepLab trained on the pseudo labels beats the CAMs on val: 78.2 against 65.3 when measured in bf16,
+    # 77.6 in fp32 (a CPU without native bf16); training seeds 1-3 gave 69.8-73.3 (configs/demo.yaml)
+    assert seg["scored"] == cam_val["num_images"] == 48 and seg["miou"] > cam_val["miou"] + 0.02, \
         (seg["miou"], cam_val["miou"])
     assert "| DeepLab on the pseudo labels | val |" in proc.stdout
     # IRNet's labels from the same CAMs, scored on the same 320 masks (measured 57.6: docs/irnet.md says why
