@@ -192,8 +192,8 @@ def irn_augment(jpg: bytes, target_png: bytes, rng: np.random.Generator, scale_r
     image resized bicubic (`resize_uint8`: torch's antialiased bicubic, which reproduces PIL's, docs/data.md)
     and the relation labels nearest, a random horizontal flip, a random crop (IRNet's `get_random_crop_box`:
     a side larger than the crop is cut at a random offset, a smaller one placed at a random offset in the
-    crop; padding: the mean colour, i.e. 0 after
-    normalisation as in IRNet, and `ignore_index`), then the labels reduced x1/stride with PIL nearest.
+    crop; padding: the mean colour, i.e. 0 after normalisation as in IRNet, and `ignore_index`), then the
+    labels reduced x1/stride with PIL nearest.
 
     Draws, in order: scale, flip, crop x, crop y; always all four, so the stream of draws does not depend
     on the image.
