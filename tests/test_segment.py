@@ -150,7 +150,10 @@ def test_compiled_training_trains_what_eager_trains(synthetic_shards, seg_data, 
     eager, compiled = final_weights(runs["false"] / "seg"), final_weights(runs["true"] / "seg")
     assert compiled.keys() == eager.keys()
     for k in eager:
-        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-6, msg=k)
+        # the compiled backward sums in another order: near-zero entries differ by about 1e-5 of the tensor's
+        # scale (1.2e-6 in conv1's weights, largest 0.1, with oneDNN and inductor limited to AVX2)
+        scale = float(eager[k].abs().max()) if eager[k].is_floating_point() else 0.0
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=max(1e-6, 1e-4 * scale), msg=k)
     ok(run_seg(1, *seg_args("segment", synthetic_shards, seg_data, runs["true"], "seg.max_steps=2",
                             "seg.mixed_precision=no", "seg.compile=false", "train.resume_changed=allow")))
     resumed = json.loads((runs["true"] / "seg" / "summary.json").read_text())
